@@ -1,0 +1,38 @@
+# sluice — make targets. `make test` is what CI runs (through .ci/run); it installs what it
+# needs (iptables, conntrack, ipset from Debian; kube-apiserver and etcd built from their Go
+# modules and cached) and must run as root for the network-namespace lab.
+GO ?= go
+BIN := bin/sluice
+
+.PHONY: build test lint demo bench bench-quick image deps kube-assets clean
+
+build:
+	$(GO) build -o $(BIN) ./cmd/sluice
+
+deps:
+	bash hack/deps.sh
+
+kube-assets:
+	bash hack/kube-assets.sh
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+test: deps kube-assets lint
+	KUBEBUILDER_ASSETS=$$(bash hack/kube-assets.sh --print-dir) $(GO) test -count=1 -timeout 60m ./...
+
+demo: build deps
+	$(GO) run ./internal/demo -sluice $(BIN)
+
+bench: build deps
+	$(GO) run ./bench
+
+bench-quick: build deps
+	$(GO) run ./bench -quick
+
+image:
+	docker build -t sluice:dev .
+
+clean:
+	rm -rf bin
