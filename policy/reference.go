@@ -1,0 +1,359 @@
+package policy
+
+import (
+	"net/netip"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+)
+
+// ReferenceDecide is the literal evaluator: it reads the NetworkPolicy specification sentence by
+// sentence and re-derives everything from st on every call (no index, no cache, no compiled
+// form). It is deliberately slow and obvious so that tests can hold Compile+Decide against it
+// and benchmarks can show what compilation buys. Never use it on a packet path.
+//
+// It applies the same defaulting as the API server (policyTypes, TCP, the namespace name
+// label), so a raw State works, and the same implementation choices as Decide: ipBlock matches
+// pod IPs too; egress is judged only for local source pods and ingress only for local
+// destination pods.
+func ReferenceDecide(st *State, opt Options, f Flow) Verdict {
+	src := refOwner(st, f.Src)
+	dst := refOwner(st, f.Dst)
+
+	egressJudged := src != nil && refLocal(src, opt)
+	ingressJudged := dst != nil && refLocal(dst, opt)
+
+	var egressIsolated, egressAllowed bool
+	if egressJudged {
+		egressIsolated, egressAllowed = refSide(st, src, networkingv1.PolicyTypeEgress, f.Dst, dst, f)
+	}
+	var ingressIsolated, ingressAllowed bool
+	if ingressJudged {
+		ingressIsolated, ingressAllowed = refSide(st, dst, networkingv1.PolicyTypeIngress, f.Src, src, f)
+	}
+
+	switch {
+	case egressIsolated && !egressAllowed:
+		return Verdict{Allowed: false, Reason: ReasonEgress}
+	case ingressIsolated && !ingressAllowed:
+		return Verdict{Allowed: false, Reason: ReasonIngress}
+	case egressIsolated || ingressIsolated:
+		return Verdict{Allowed: true, Reason: ReasonRule}
+	}
+	return Verdict{Allowed: true, Reason: ReasonUnisolated}
+}
+
+// refSide judges one direction for pod: isolated reports whether any policy selecting pod has
+// dir among its (defaulted) policyTypes; allowed whether some rule of those policies admits the
+// peer (peerAddr, which is peerPod when the address belongs to a pod) on f's protocol and port.
+// The destination pod, against which named ports resolve, is pod for ingress and peerPod for
+// egress.
+func refSide(st *State, pod *corev1.Pod, dir networkingv1.PolicyType, peerAddr netip.Addr, peerPod *corev1.Pod, f Flow) (isolated, allowed bool) {
+	dstPod := pod
+	if dir == networkingv1.PolicyTypeEgress {
+		dstPod = peerPod
+	}
+	for i := range st.Policies {
+		np := &st.Policies[i]
+		if np.Namespace != pod.Namespace {
+			continue
+		}
+		if !refSelectorMatches(&np.Spec.PodSelector, pod.Labels) {
+			continue
+		}
+		if !refHasType(np, dir) {
+			continue
+		}
+		isolated = true
+		if dir == networkingv1.PolicyTypeIngress {
+			for _, rule := range np.Spec.Ingress {
+				if refPeersMatch(st, np.Namespace, rule.From, peerAddr, peerPod) && refPortsMatch(rule.Ports, dstPod, f) {
+					allowed = true
+				}
+			}
+		} else {
+			for _, rule := range np.Spec.Egress {
+				if refPeersMatch(st, np.Namespace, rule.To, peerAddr, peerPod) && refPortsMatch(rule.Ports, dstPod, f) {
+					allowed = true
+				}
+			}
+		}
+	}
+	return isolated, allowed
+}
+
+// refHasType applies the API server's defaulting of policyTypes when the field is empty: every
+// policy affects ingress, and a policy with at least one egress rule also affects egress.
+func refHasType(np *networkingv1.NetworkPolicy, dir networkingv1.PolicyType) bool {
+	if len(np.Spec.PolicyTypes) == 0 {
+		if dir == networkingv1.PolicyTypeIngress {
+			return true
+		}
+		return len(np.Spec.Egress) > 0
+	}
+	for _, t := range np.Spec.PolicyTypes {
+		if t == dir {
+			return true
+		}
+	}
+	return false
+}
+
+// refPeersMatch: an empty peer list admits every peer; otherwise peers are ORed.
+func refPeersMatch(st *State, policyNS string, peers []networkingv1.NetworkPolicyPeer, addr netip.Addr, pod *corev1.Pod) bool {
+	if len(peers) == 0 {
+		return true
+	}
+	for i := range peers {
+		if refPeerMatches(st, policyNS, &peers[i], addr, pod) {
+			return true
+		}
+	}
+	return false
+}
+
+func refPeerMatches(st *State, policyNS string, peer *networkingv1.NetworkPolicyPeer, addr netip.Addr, pod *corev1.Pod) bool {
+	if peer.IPBlock != nil {
+		if peer.PodSelector != nil || peer.NamespaceSelector != nil {
+			// The API server rejects this combination; refuse rather than guess.
+			return false
+		}
+		return refIPBlockContains(peer.IPBlock, addr)
+	}
+	if peer.PodSelector == nil && peer.NamespaceSelector == nil {
+		return false // an empty peer is invalid; never read it as "everyone"
+	}
+	if pod == nil {
+		return false // selectors only ever select pods
+	}
+	if peer.NamespaceSelector == nil {
+		if pod.Namespace != policyNS {
+			return false
+		}
+	} else if !refSelectorMatches(peer.NamespaceSelector, refNamespaceLabels(st, pod.Namespace)) {
+		return false
+	}
+	if peer.PodSelector != nil && !refSelectorMatches(peer.PodSelector, pod.Labels) {
+		return false
+	}
+	return true
+}
+
+// refIPBlockContains: addr is inside cidr and outside every except. Anything unparsable makes the
+// block match nothing.
+func refIPBlockContains(b *networkingv1.IPBlock, addr netip.Addr) bool {
+	cidr, err := netip.ParsePrefix(b.CIDR)
+	if err != nil {
+		return false
+	}
+	if !cidr.Contains(addr) {
+		return false
+	}
+	for _, e := range b.Except {
+		ex, err := netip.ParsePrefix(e)
+		if err != nil {
+			return false
+		}
+		if ex.Contains(addr) {
+			return false
+		}
+	}
+	return true
+}
+
+// refPortsMatch: an empty list admits every port and protocol; otherwise entries are ORed.
+func refPortsMatch(ports []networkingv1.NetworkPolicyPort, dstPod *corev1.Pod, f Flow) bool {
+	if len(ports) == 0 {
+		return true
+	}
+	for i := range ports {
+		if refPortMatches(&ports[i], dstPod, f) {
+			return true
+		}
+	}
+	return false
+}
+
+func refPortMatches(p *networkingv1.NetworkPolicyPort, dstPod *corev1.Pod, f Flow) bool {
+	proto := corev1.ProtocolTCP
+	if p.Protocol != nil {
+		proto = *p.Protocol
+	}
+	if refProto(proto) != f.Proto {
+		return false
+	}
+	if p.Port == nil {
+		return true // only a protocol: every port of it
+	}
+	if p.Port.Type == intstr.String { // a named port
+		if p.EndPort != nil {
+			return false // rejected by the API server; a range needs a numeric start
+		}
+		if dstPod == nil {
+			return false
+		}
+		for _, c := range dstPod.Spec.Containers {
+			for _, cp := range c.Ports {
+				cpProto := cp.Protocol
+				if cpProto == "" {
+					cpProto = corev1.ProtocolTCP
+				}
+				if cp.Name == p.Port.StrVal && cpProto == proto && int(f.Port) == int(cp.ContainerPort) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	start := int(p.Port.IntVal)
+	if p.EndPort == nil {
+		return int(f.Port) == start
+	}
+	return start <= int(f.Port) && int(f.Port) <= int(*p.EndPort)
+}
+
+func refProto(p corev1.Protocol) Protocol {
+	switch p {
+	case corev1.ProtocolTCP:
+		return TCP
+	case corev1.ProtocolUDP:
+		return UDP
+	case corev1.ProtocolSCTP:
+		return SCTP
+	}
+	return 0 // matches no packet protocol we judge
+}
+
+// refSelectorMatches evaluates a LabelSelector by the letter: every matchLabels pair and every
+// matchExpressions requirement must hold. An unknown operator matches nothing.
+func refSelectorMatches(sel *metav1.LabelSelector, labels map[string]string) bool {
+	for k, v := range sel.MatchLabels {
+		got, ok := labels[k]
+		if !ok || got != v {
+			return false
+		}
+	}
+	for _, req := range sel.MatchExpressions {
+		got, ok := labels[req.Key]
+		switch req.Operator {
+		case metav1.LabelSelectorOpIn:
+			if !ok || !refContains(req.Values, got) {
+				return false
+			}
+		case metav1.LabelSelectorOpNotIn:
+			if ok && refContains(req.Values, got) {
+				return false
+			}
+		case metav1.LabelSelectorOpExists:
+			if !ok {
+				return false
+			}
+		case metav1.LabelSelectorOpDoesNotExist:
+			if ok {
+				return false
+			}
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+func refContains(vals []string, v string) bool {
+	for _, x := range vals {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// refNamespaceLabels returns the namespace's labels with kubernetes.io/metadata.name set to its
+// name, as the API server guarantees. A namespace the state does not contain still has that one
+// label.
+func refNamespaceLabels(st *State, name string) map[string]string {
+	out := map[string]string{}
+	for i := range st.Namespaces {
+		if st.Namespaces[i].Name == name {
+			for k, v := range st.Namespaces[i].Labels {
+				out[k] = v
+			}
+			break
+		}
+	}
+	out["kubernetes.io/metadata.name"] = name
+	return out
+}
+
+// refParticipates: hostNetwork pods share the node's address (their traffic is node traffic),
+// finished pods hold no address any more.
+func refParticipates(p *corev1.Pod) bool {
+	if p.Spec.HostNetwork {
+		return false
+	}
+	if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+		return false
+	}
+	return len(refPodIPs(p)) > 0
+}
+
+// refPodIPs: status.podIPs when present, else status.podIP; unparsable entries are skipped.
+func refPodIPs(p *corev1.Pod) []netip.Addr {
+	var raw []string
+	if len(p.Status.PodIPs) > 0 {
+		for _, ip := range p.Status.PodIPs {
+			raw = append(raw, ip.IP)
+		}
+	} else if p.Status.PodIP != "" {
+		raw = append(raw, p.Status.PodIP)
+	}
+	var out []netip.Addr
+	for _, s := range raw {
+		a, err := netip.ParseAddr(s)
+		if err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// refOwner finds the participating pod that holds addr. If several claim it (a stale status
+// during IP reuse), the first in (namespace, name) order wins, so the answer never depends on
+// the order of st.Pods.
+func refOwner(st *State, addr netip.Addr) *corev1.Pod {
+	var best *corev1.Pod
+	for i := range st.Pods {
+		p := &st.Pods[i]
+		if !refParticipates(p) {
+			continue
+		}
+		has := false
+		for _, a := range refPodIPs(p) {
+			if a == addr {
+				has = true
+				break
+			}
+		}
+		if !has {
+			continue
+		}
+		if best == nil || refPodLess(p, best) {
+			best = p
+		}
+	}
+	return best
+}
+
+func refPodLess(a, b *corev1.Pod) bool {
+	if c := strings.Compare(a.Namespace, b.Namespace); c != 0 {
+		return c < 0
+	}
+	return a.Name < b.Name
+}
+
+func refLocal(p *corev1.Pod, opt Options) bool {
+	return opt.Node == "" || p.Spec.NodeName == opt.Node
+}
