@@ -41,6 +41,9 @@ type Side struct {
 	Allowed           bool     `json:"allowed"`
 	// MatchedBy is every rule that allows the flow (empty when denied or not isolated).
 	MatchedBy []RuleRef `json:"matchedBy,omitempty"`
+	// Unmatched says, rule by rule, why each rule of the isolating policies did not allow
+	// the flow (only when the side denies).
+	Unmatched []string `json:"unmatched,omitempty"`
 	// Why is one human sentence.
 	Why string `json:"why"`
 }

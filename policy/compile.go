@@ -1,0 +1,430 @@
+package policy
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+
+	"github.com/gaissmai/bart"
+	"go4.org/netipx"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/intstr"
+)
+
+// Compile builds a Snapshot from st, which it only reads. It applies the API server's
+// defaulting itself (policyTypes, TCP ports, the namespace name label), so objects straight
+// from a file or an informer compile alike. An invalid selector, CIDR or port is an error that
+// names the policy and the field: compiling it as "match nothing" or "match all" would
+// silently change who is allowed.
+func Compile(st *State, opt Options) (*Snapshot, error) {
+	c := compiler{
+		s: &Snapshot{
+			opt:      opt,
+			byIP:     make(map[netip.Addr]int32),
+			portName: make(map[string]int32),
+		},
+		nsLabels: make(map[string]labels.Set),
+		nsPods:   make(map[string][]int32),
+		selCache: make(map[string]int32),
+		nsCache:  make(map[string][]string),
+	}
+	c.namespaces(st.Namespaces)
+	c.pods(st.Pods)
+	var errs []error
+	pols := slices.Clone(st.Policies)
+	slices.SortFunc(pols, func(a, b networkingv1.NetworkPolicy) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+	for i := range pols {
+		if err := c.policy(&pols[i]); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	s := c.s
+	s.stats.Namespaces = len(c.nsLabels)
+	s.stats.Pods = len(s.pods)
+	for i := range s.pods {
+		if s.pods[i].local {
+			s.stats.LocalPods++
+		}
+	}
+	s.stats.Policies = len(s.policies)
+	s.stats.Rules = len(s.rules)
+	s.stats.PeerSets = len(s.sets)
+	return s, nil
+}
+
+type compiler struct {
+	s        *Snapshot
+	nsLabels map[string]labels.Set
+	nsNames  []string           // sorted, every namespace known from objects or pods
+	nsPods   map[string][]int32 // namespace -> its participating pods
+	labels   []labels.Set       // pod index -> the pod's labels (only needed while compiling)
+	selCache map[string]int32   // peer selector key -> index in s.sets
+	nsCache  map[string][]string
+}
+
+func (c *compiler) namespaces(nss []corev1.Namespace) {
+	for i := range nss {
+		ns := &nss[i]
+		l := make(labels.Set, len(ns.Labels)+1)
+		for k, v := range ns.Labels {
+			l[k] = v
+		}
+		l[corev1.LabelMetadataName] = ns.Name
+		c.nsLabels[ns.Name] = l
+	}
+}
+
+// Participates reports whether a pod takes part in NetworkPolicy: host-network pods' traffic
+// is the node's, and finished or address-less pods carry no traffic.
+func Participates(p *corev1.Pod) bool {
+	if p.Spec.HostNetwork || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+		return false
+	}
+	return len(PodAddrs(p)) > 0
+}
+
+// PodAddrs returns a pod's addresses from status.podIPs (or status.podIP), primary first,
+// skipping any that do not parse.
+func PodAddrs(p *corev1.Pod) []netip.Addr {
+	var out []netip.Addr
+	add := func(s string) {
+		if a, err := netip.ParseAddr(s); err == nil {
+			a = a.Unmap()
+			if !slices.Contains(out, a) {
+				out = append(out, a)
+			}
+		}
+	}
+	for _, ip := range p.Status.PodIPs {
+		add(ip.IP)
+	}
+	if len(out) == 0 {
+		add(p.Status.PodIP)
+	}
+	return out
+}
+
+func (c *compiler) pods(in []corev1.Pod) {
+	idx := make([]int, 0, len(in))
+	for i := range in {
+		if Participates(&in[i]) {
+			idx = append(idx, i)
+		}
+	}
+	// (namespace, name) order makes "who owns a reused IP" and every listing deterministic.
+	slices.SortFunc(idx, func(a, b int) int {
+		return cmp.Or(cmp.Compare(in[a].Namespace, in[b].Namespace), cmp.Compare(in[a].Name, in[b].Name))
+	})
+	s := c.s
+	s.pods = make([]cpod, 0, len(idx))
+	for _, i := range idx {
+		p := &in[i]
+		pi := int32(len(s.pods))
+		cp := cpod{
+			ref:   PodRef{Namespace: p.Namespace, Name: p.Name},
+			node:  p.Spec.NodeName,
+			local: s.opt.Node == "" || p.Spec.NodeName == s.opt.Node,
+			ips:   PodAddrs(p),
+		}
+		for _, ct := range p.Spec.Containers {
+			for _, port := range ct.Ports {
+				proto, ok := ProtocolFromK8s(port.Protocol)
+				if port.Name == "" || !ok || port.ContainerPort <= 0 || port.ContainerPort > 65535 {
+					continue
+				}
+				cp.ports = append(cp.ports, namedPort{name: c.portName(port.Name), proto: proto, port: uint16(port.ContainerPort)})
+			}
+		}
+		for _, a := range cp.ips {
+			if _, taken := s.byIP[a]; !taken {
+				s.byIP[a] = pi
+			}
+		}
+		s.pods = append(s.pods, cp)
+		c.labels = append(c.labels, labels.Set(p.Labels))
+		c.nsPods[p.Namespace] = append(c.nsPods[p.Namespace], pi)
+		if _, ok := c.nsLabels[p.Namespace]; !ok {
+			// A pod's namespace exists even when the state omits it; the API server would
+			// have labelled it with its name.
+			c.nsLabels[p.Namespace] = labels.Set{corev1.LabelMetadataName: p.Namespace}
+		}
+	}
+	for name := range c.nsLabels {
+		c.nsNames = append(c.nsNames, name)
+	}
+	slices.Sort(c.nsNames)
+}
+
+func (c *compiler) portName(name string) int32 {
+	if id, ok := c.s.portName[name]; ok {
+		return id
+	}
+	id := int32(len(c.s.portName))
+	c.s.portName[name] = id
+	return id
+}
+
+// PolicyTypes returns the policy's types after the API server's defaulting: Ingress always,
+// Egress too when the policy has egress rules.
+func PolicyTypes(np *networkingv1.NetworkPolicy) (ingress, egress bool) {
+	if len(np.Spec.PolicyTypes) == 0 {
+		return true, len(np.Spec.Egress) > 0
+	}
+	for _, t := range np.Spec.PolicyTypes {
+		switch t {
+		case networkingv1.PolicyTypeIngress:
+			ingress = true
+		case networkingv1.PolicyTypeEgress:
+			egress = true
+		}
+	}
+	return ingress, egress
+}
+
+func (c *compiler) policy(np *networkingv1.NetworkPolicy) error {
+	s := c.s
+	name := np.Namespace + "/" + np.Name
+	where := func(field string, err error) error {
+		return fmt.Errorf("NetworkPolicy %s: %s: %w", name, field, err)
+	}
+	for i, t := range np.Spec.PolicyTypes {
+		if t != networkingv1.PolicyTypeIngress && t != networkingv1.PolicyTypeEgress {
+			return where(fmt.Sprintf("spec.policyTypes[%d]", i), fmt.Errorf("%q is not Ingress or Egress", t))
+		}
+	}
+	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
+	if err != nil {
+		return where("spec.podSelector", err)
+	}
+	pi := int32(len(s.policies))
+	ing, eg := PolicyTypes(np)
+	var ingRules, egRules []int32
+	if ing {
+		for i := range np.Spec.Ingress {
+			r := &np.Spec.Ingress[i]
+			ri, err := c.rule(pi, np.Namespace, Ingress, i, r.From, r.Ports)
+			if err != nil {
+				return where(fmt.Sprintf("spec.ingress[%d]", i), err)
+			}
+			ingRules = append(ingRules, ri)
+		}
+	}
+	if eg {
+		for i := range np.Spec.Egress {
+			r := &np.Spec.Egress[i]
+			ri, err := c.rule(pi, np.Namespace, Egress, i, r.To, r.Ports)
+			if err != nil {
+				return where(fmt.Sprintf("spec.egress[%d]", i), err)
+			}
+			egRules = append(egRules, ri)
+		}
+	}
+	s.policies = append(s.policies, cpolicy{name: name})
+	for _, p := range c.nsPods[np.Namespace] {
+		pod := &s.pods[p]
+		if !sel.Matches(c.labels[p]) {
+			continue
+		}
+		if ing {
+			pod.ingressBy = append(pod.ingressBy, pi)
+			pod.ingress = append(pod.ingress, ingRules...)
+		}
+		if eg {
+			pod.egressBy = append(pod.egressBy, pi)
+			pod.egress = append(pod.egress, egRules...)
+		}
+	}
+	return nil
+}
+
+func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (int32, error) {
+	r := crule{policy: pol, dir: dir, index: index, allPeers: len(peers) == 0, allPorts: len(ports) == 0}
+	peerField := "from"
+	if dir == Egress {
+		peerField = "to"
+	}
+	var all netipx.IPSetBuilder
+	for i := range peers {
+		peer := &peers[i]
+		field := fmt.Sprintf("%s[%d]", peerField, i)
+		hasSel := peer.PodSelector != nil || peer.NamespaceSelector != nil
+		switch {
+		case peer.IPBlock != nil && hasSel:
+			return 0, fmt.Errorf("%s: ipBlock cannot be combined with podSelector or namespaceSelector", field)
+		case peer.IPBlock != nil:
+			set, err := blockSet(peer.IPBlock)
+			if err != nil {
+				return 0, fmt.Errorf("%s.ipBlock: %w", field, err)
+			}
+			all.AddSet(set)
+			r.blockPeers = append(r.blockPeers, blockPeer{index: i, set: liteOf(set)})
+		case hasSel:
+			si, err := c.peerSet(ns, peer)
+			if err != nil {
+				return 0, fmt.Errorf("%s.%w", field, err)
+			}
+			r.peerSets = append(r.peerSets, si)
+			r.peerIdx = append(r.peerIdx, i)
+		default:
+			return 0, fmt.Errorf("%s: a peer needs podSelector, namespaceSelector or ipBlock", field)
+		}
+	}
+	if len(r.blockPeers) > 0 {
+		set, err := all.IPSet()
+		if err != nil {
+			return 0, err
+		}
+		r.blocks = liteOf(set)
+	}
+	for i := range ports {
+		p := &ports[i]
+		field := fmt.Sprintf("ports[%d]", i)
+		proto := TCP
+		if p.Protocol != nil {
+			var ok bool
+			if proto, ok = ProtocolFromK8s(*p.Protocol); !ok {
+				return 0, fmt.Errorf("%s.protocol: %q is not TCP, UDP or SCTP", field, *p.Protocol)
+			}
+		}
+		cp := cport{proto: proto, name: -1, index: i}
+		switch {
+		case p.Port == nil:
+			if p.EndPort != nil {
+				return 0, fmt.Errorf("%s.endPort: needs a numeric port", field)
+			}
+			cp.anyNum = true
+			cp.text = "all " + proto.String() + " ports"
+		case p.Port.Type == intstr.String:
+			if p.EndPort != nil {
+				return 0, fmt.Errorf("%s.endPort: not allowed with the named port %q", field, p.Port.StrVal)
+			}
+			if p.Port.StrVal == "" {
+				return 0, fmt.Errorf("%s.port: empty port name", field)
+			}
+			cp.name = c.portName(p.Port.StrVal)
+			cp.text = p.Port.StrVal + "/" + proto.String()
+		default:
+			lo := p.Port.IntVal
+			hi := lo
+			if p.EndPort != nil {
+				hi = *p.EndPort
+			}
+			if lo < 1 || lo > 65535 {
+				return 0, fmt.Errorf("%s.port: %d is not in 1-65535", field, lo)
+			}
+			if hi < lo || hi > 65535 {
+				return 0, fmt.Errorf("%s.endPort: %d must be between port %d and 65535", field, hi, lo)
+			}
+			cp.lo, cp.hi = uint16(lo), uint16(hi)
+			cp.text = strconv.Itoa(int(lo))
+			if hi != lo {
+				cp.text += "-" + strconv.Itoa(int(hi))
+			}
+			cp.text += "/" + proto.String()
+		}
+		r.ports = append(r.ports, cp)
+	}
+	c.s.rules = append(c.s.rules, r)
+	return int32(len(c.s.rules) - 1), nil
+}
+
+// blockSet turns an ipBlock into the exact set of addresses it admits.
+func blockSet(b *networkingv1.IPBlock) (*netipx.IPSet, error) {
+	cidr, err := netip.ParsePrefix(b.CIDR)
+	if err != nil {
+		return nil, fmt.Errorf("cidr: %q is not a CIDR: %v", b.CIDR, err)
+	}
+	var sb netipx.IPSetBuilder
+	sb.AddPrefix(cidr.Masked())
+	for i, e := range b.Except {
+		ex, err := netip.ParsePrefix(e)
+		if err != nil {
+			return nil, fmt.Errorf("except[%d]: %q is not a CIDR: %v", i, e, err)
+		}
+		if ex.Addr().Is4() != cidr.Addr().Is4() {
+			return nil, fmt.Errorf("except[%d]: %q is not of the same IP family as cidr %q", i, e, b.CIDR)
+		}
+		sb.RemovePrefix(ex.Masked())
+	}
+	return sb.IPSet()
+}
+
+func liteOf(set *netipx.IPSet) *bart.Lite {
+	l := new(bart.Lite)
+	for _, p := range set.Prefixes() {
+		l.Insert(p)
+	}
+	return l
+}
+
+// peerSet resolves a pod/namespace selector peer to a pod set, once per distinct selector.
+func (c *compiler) peerSet(policyNS string, peer *networkingv1.NetworkPolicyPeer) (int32, error) {
+	var podSel, nsSel labels.Selector
+	var err error
+	if peer.PodSelector != nil {
+		if podSel, err = metav1.LabelSelectorAsSelector(peer.PodSelector); err != nil {
+			return 0, fmt.Errorf("podSelector: %w", err)
+		}
+	}
+	if peer.NamespaceSelector != nil {
+		if nsSel, err = metav1.LabelSelectorAsSelector(peer.NamespaceSelector); err != nil {
+			return 0, fmt.Errorf("namespaceSelector: %w", err)
+		}
+	}
+	var key string
+	if nsSel != nil {
+		key = "ns:" + nsSel.String()
+	} else {
+		key = "in:" + policyNS
+	}
+	if podSel != nil {
+		key += "\x00pod:" + podSel.String()
+	}
+	if i, ok := c.selCache[key]; ok {
+		return i, nil
+	}
+	var nss []string
+	if nsSel == nil {
+		nss = []string{policyNS}
+	} else {
+		nss = c.selectNamespaces(nsSel)
+	}
+	var members []int32
+	for _, ns := range nss {
+		for _, p := range c.nsPods[ns] {
+			if podSel == nil || podSel.Matches(c.labels[p]) {
+				members = append(members, p)
+			}
+		}
+	}
+	c.s.sets = append(c.s.sets, newPodSet(members, len(c.s.pods)))
+	i := int32(len(c.s.sets) - 1)
+	c.selCache[key] = i
+	return i, nil
+}
+
+func (c *compiler) selectNamespaces(sel labels.Selector) []string {
+	key := sel.String()
+	if nss, ok := c.nsCache[key]; ok {
+		return nss
+	}
+	var out []string
+	for _, ns := range c.nsNames {
+		if sel.Matches(c.nsLabels[ns]) {
+			out = append(out, ns)
+		}
+	}
+	c.nsCache[key] = out
+	return out
+}
