@@ -256,7 +256,16 @@ func expectVerdict(sc seedScenario, node string, src, dst seedEndpoint, p seedPo
 }
 
 func TestSeedExamples(t *testing.T) {
-	cluster := loadExample(t, "three-tier-cluster.yaml")
+	for _, loader := range []struct {
+		name string
+		load func(testing.TB, string) *policy.State
+	}{{"LoadFile", loadExample}, {"raw", decodeExampleRaw}} {
+		t.Run(loader.name, func(t *testing.T) { testSeedExamples(t, loader.load) })
+	}
+}
+
+func testSeedExamples(t *testing.T, load func(testing.TB, string) *policy.State) {
+	cluster := load(t, "three-tier-cluster.yaml")
 	if len(cluster.Pods) != 7 || len(cluster.Namespaces) != 4 || len(cluster.Policies) != 0 {
 		t.Fatalf("three-tier-cluster.yaml: got %d pods, %d namespaces, %d policies; want 7, 4, 0",
 			len(cluster.Pods), len(cluster.Namespaces), len(cluster.Policies))
@@ -265,7 +274,7 @@ func TestSeedExamples(t *testing.T) {
 		t.Run(sc.name, func(t *testing.T) {
 			st := &policy.State{Namespaces: cluster.Namespaces, Pods: cluster.Pods}
 			for _, f := range sc.files {
-				st.Policies = append(st.Policies, loadExample(t, f).Policies...)
+				st.Policies = append(st.Policies, load(t, f).Policies...)
 			}
 			if len(sc.files) > 0 && len(st.Policies) == 0 {
 				t.Fatalf("%v: no policies loaded", sc.files)
@@ -398,9 +407,21 @@ func TestSeedSpotChecks(t *testing.T) {
 
 func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }
 
-// loadExample reads a file of deploy/examples. It decodes the three kinds it needs itself (a
-// plain multi-document split), so the seed tests do not depend on the loader under test.
+// loadExample reads a file of deploy/examples with the project's loader (defaulted, validated).
 func loadExample(t testing.TB, name string) *policy.State {
+	t.Helper()
+	path := filepath.Join(examplesDir, name)
+	st, _, err := policy.LoadFile(path)
+	if err != nil {
+		t.Fatalf("LoadFile(%s): %v", path, err)
+	}
+	return st
+}
+
+// decodeExampleRaw decodes the three kinds itself with a plain multi-document split and no
+// defaulting, so the seed behaviour is also checked on exactly what the files say (Compile and
+// the reference must default by themselves).
+func decodeExampleRaw(t testing.TB, name string) *policy.State {
 	t.Helper()
 	path := filepath.Join(examplesDir, name)
 	data, err := os.ReadFile(path)
