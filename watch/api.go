@@ -1,0 +1,485 @@
+package watch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	apiequality "k8s.io/apimachinery/pkg/api/equality"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/sluice-dev/sluice/policy"
+)
+
+// APISource watches Pods, Namespaces and NetworkPolicies through client-go informers and
+// publishes a snapshot after every burst of changes.
+//
+// Guarantees the agent relies on:
+//   - Nothing is published before all three informers have completed their first list; until
+//     then Ready is false and the agent accepts (it never drops for lack of state).
+//   - When the API server is unreachable the last snapshot stays in force, Stale reports true and
+//     sluice_watch_stale / sluice_watch_stale_seconds say so; the informers relist or resume
+//     their watches when it returns, and the changes made meanwhile are published.
+//   - An object that does not compile never crashes the source and never opens traffic: a
+//     NetworkPolicy that fails to compile is replaced by one that isolates the pods it selects
+//     (all pods of its namespace when its pod selector is the broken part) for the directions it
+//     declares, with no rules. Removing the policy is the safe default of NetworkPolicy only for
+//     policies that never applied; for one that did, dropping it would allow what it denied.
+type APISource struct {
+	cfg      *rest.Config
+	opt      policy.Options
+	log      *slog.Logger
+	debounce time.Duration
+
+	ready atomic.Bool
+
+	mu        sync.Mutex
+	dirtyAt   time.Time // when the oldest change not yet compiled was seen; zero when none
+	kick      chan struct{}
+	unhealthy map[string]error  // resource -> last list/watch error, while it lasts
+	badSeen   map[string]string // policy key -> resourceVersion already reported as invalid
+	staleAt   time.Time
+
+	informers []cache.SharedIndexInformer
+	pods      cache.SharedIndexInformer
+	nss       cache.SharedIndexInformer
+	pols      cache.SharedIndexInformer
+}
+
+// NewAPISource returns a source that watches the API server cfg points at. opt.Node selects the
+// local pods (pods of every node are watched, since remote pods are peers of local ones);
+// debounce is how long changes are gathered before one compile (DefaultDebounce when <= 0).
+func NewAPISource(cfg *rest.Config, opt policy.Options, log *slog.Logger, debounce time.Duration) *APISource {
+	if log == nil {
+		log = slog.Default()
+	}
+	if debounce <= 0 {
+		debounce = DefaultDebounce
+	}
+	return &APISource{
+		cfg: cfg, opt: opt, log: log.With("source", "api"), debounce: debounce,
+		kick:      make(chan struct{}, 1),
+		unhealthy: make(map[string]error),
+		badSeen:   make(map[string]string),
+	}
+}
+
+// Ready reports whether the first complete snapshot has been published.
+func (s *APISource) Ready() bool { return s.ready.Load() }
+
+// Stale reports whether a list or watch is failing, and since when. While stale, the snapshot in
+// force is the last one built before the failure.
+func (s *APISource) Stale() (bool, time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.unhealthy) > 0, s.staleAt
+}
+
+// Run watches until ctx is done. It returns an error only when the client cannot be built; an
+// API server that is down at start is waited for (Ready stays false).
+func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) error {
+	cfg := rest.CopyConfig(s.cfg)
+	if cfg.UserAgent == "" {
+		cfg.UserAgent = "sluice-agent"
+	}
+	// Protobuf halves list sizes and decode time for tens of thousands of pods.
+	cfg.ContentType = "application/vnd.kubernetes.protobuf"
+	cfg.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("building the Kubernetes client: %w (check --kubeconfig or the in-cluster service account)", err)
+	}
+	if err := s.setup(client); err != nil {
+		return err
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, inf := range s.informers {
+		wg.Add(1)
+		go func() { defer wg.Done(); inf.RunWithContext(ctx) }()
+	}
+	defer wg.Wait()
+	defer cancel()
+
+	s.log.Info("waiting for the first full list of pods, namespaces and networkpolicies")
+	if !cache.WaitForCacheSync(ctx.Done(), s.pods.HasSynced, s.nss.HasSynced, s.pols.HasSynced) {
+		return nil // ctx done
+	}
+	s.log.Info("caches synced", "pods", len(s.pods.GetStore().ListKeys()),
+		"namespaces", len(s.nss.GetStore().ListKeys()), "networkpolicies", len(s.pols.GetStore().ListKeys()))
+
+	c := newCompiler("api", s.opt, s.log)
+	first := true
+	for {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-s.kick:
+			}
+			// Gather the rest of the burst: one compile per window bounds the delay of the first
+			// change to about one window plus a compile, however long the churn lasts.
+			t := time.NewTimer(s.debounce)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil
+			case <-t.C:
+			}
+		}
+		s.mu.Lock()
+		at := s.dirtyAt
+		s.dirtyAt = time.Time{}
+		s.mu.Unlock()
+		select { // the changes taken above are in this compile
+		case <-s.kick:
+		default:
+		}
+
+		snap, err := s.compile(c, s.state())
+		if err != nil {
+			s.log.Error("cluster state does not compile; the last snapshot stays in force", "err", err, "generation", c.gen)
+			continue
+		}
+		publish(snap)
+		if first {
+			c.published(snap, time.Time{})
+			s.ready.Store(true)
+			first = false
+		} else {
+			c.published(snap, at)
+		}
+	}
+}
+
+// setup builds the three informers, each on a list/watch wrapper that records health.
+func (s *APISource) setup(client kubernetes.Interface) error {
+	core, netv1 := client.CoreV1(), client.NetworkingV1()
+	s.pods = s.informer("pods", &corev1.Pod{}, &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			return core.Pods("").List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			return core.Pods("").Watch(ctx, o)
+		},
+	})
+	s.nss = s.informer("namespaces", &corev1.Namespace{}, &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			return core.Namespaces().List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			return core.Namespaces().Watch(ctx, o)
+		},
+	})
+	s.pols = s.informer("networkpolicies", &networkingv1.NetworkPolicy{}, &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			return netv1.NetworkPolicies("").List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			return netv1.NetworkPolicies("").Watch(ctx, o)
+		},
+	})
+	for _, inf := range s.informers {
+		if err := inf.SetTransform(trim); err != nil {
+			return err
+		}
+		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc: func(any) { s.changed() },
+			UpdateFunc: func(old, cur any) {
+				if !relevantChange(old, cur) {
+					return
+				}
+				s.changed()
+			},
+			DeleteFunc: func(any) { s.changed() },
+		}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *APISource) informer(resource string, example runtime.Object, lw *cache.ListWatch) cache.SharedIndexInformer {
+	// The reflector retries a refused watch by itself without calling the watch error handler,
+	// so health is recorded here, where every list and watch call passes.
+	wrapped := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			obj, err := lw.ListWithContextFunc(ctx, o)
+			s.health(ctx, resource, err)
+			return obj, err
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			w, err := lw.WatchFuncWithContext(ctx, o)
+			s.health(ctx, resource, err)
+			return w, err
+		},
+	}
+	inf := cache.NewSharedIndexInformerWithOptions(wrapped, example, cache.SharedIndexInformerOptions{ObjectDescription: resource})
+	_ = inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, _ *cache.Reflector, err error) {
+		s.health(ctx, resource, err)
+	})
+	s.informers = append(s.informers, inf)
+	return inf
+}
+
+// health records the outcome of a list or watch call for resource.
+func (s *APISource) health(ctx context.Context, resource string, err error) {
+	if err != nil && ctx.Err() != nil {
+		return // shutting down
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, wasBad := s.unhealthy[resource]
+	if err != nil {
+		metricErrors.WithLabelValues("api", "watch").Inc()
+		if len(s.unhealthy) == 0 {
+			s.staleAt = time.Now()
+			staleSinceNanos.Store(s.staleAt.UnixNano())
+			metricStale.WithLabelValues("api").Set(1)
+		}
+		s.unhealthy[resource] = err
+		if !wasBad {
+			s.log.Warn("lost the API server; the last snapshot stays in force until the watch resumes",
+				"resource", resource, "err", err)
+		} else {
+			s.log.Debug("list/watch still failing", "resource", resource, "err", err)
+		}
+		return
+	}
+	if !wasBad {
+		return
+	}
+	delete(s.unhealthy, resource)
+	if len(s.unhealthy) == 0 {
+		s.log.Info("API server reachable again; watches resumed", "staleFor", time.Since(s.staleAt).Round(time.Millisecond).String())
+		s.staleAt = time.Time{}
+		staleSinceNanos.Store(0)
+		metricStale.WithLabelValues("api").Set(0)
+	}
+}
+
+// changed records that the state changed now and wakes the compile loop.
+func (s *APISource) changed() {
+	now := time.Now()
+	s.mu.Lock()
+	if s.dirtyAt.IsZero() {
+		s.dirtyAt = now
+	}
+	s.mu.Unlock()
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// state copies the informers' caches into a policy.State. The cached objects are shared with
+// the informers, so they are only read.
+func (s *APISource) state() *policy.State {
+	st := &policy.State{}
+	for _, o := range s.nss.GetStore().List() {
+		if ns, ok := o.(*corev1.Namespace); ok {
+			st.Namespaces = append(st.Namespaces, *ns)
+		}
+	}
+	pods := s.pods.GetStore().List()
+	st.Pods = make([]corev1.Pod, 0, len(pods))
+	for _, o := range pods {
+		if p, ok := o.(*corev1.Pod); ok {
+			st.Pods = append(st.Pods, *p)
+		}
+	}
+	for _, o := range s.pols.GetStore().List() {
+		if np, ok := o.(*networkingv1.NetworkPolicy); ok {
+			st.Policies = append(st.Policies, *np)
+		}
+	}
+	return st
+}
+
+// compile compiles st; when some policies do not compile, it neutralises them (see APISource)
+// and compiles again.
+func (s *APISource) compile(c *compiler, st *policy.State) (*policy.Snapshot, error) {
+	snap, err := c.compile(st)
+	if err == nil {
+		s.forgetBad(st.Policies)
+		return snap, nil
+	}
+	fixed, bad := neutralise(st.Policies, s.opt)
+	if len(bad) == 0 {
+		return nil, err // not a single policy's fault
+	}
+	s.reportBad(bad)
+	st2 := *st
+	st2.Policies = fixed
+	snap, err2 := c.compile(&st2)
+	if err2 != nil {
+		return nil, errors.Join(err, err2)
+	}
+	return snap, nil
+}
+
+// badPolicy is a policy that failed to compile on its own.
+type badPolicy struct {
+	key, rv string
+	err     error
+}
+
+// neutralise returns pols with every policy that fails to compile on its own replaced by an
+// isolating policy without rules.
+func neutralise(pols []networkingv1.NetworkPolicy, opt policy.Options) ([]networkingv1.NetworkPolicy, []badPolicy) {
+	var bad []badPolicy
+	out := make([]networkingv1.NetworkPolicy, len(pols))
+	for i := range pols {
+		np := &pols[i]
+		out[i] = *np
+		if _, err := policy.Compile(&policy.State{Policies: []networkingv1.NetworkPolicy{*np}}, opt); err == nil {
+			continue
+		} else {
+			bad = append(bad, badPolicy{key: np.Namespace + "/" + np.Name, rv: np.ResourceVersion, err: err})
+		}
+		out[i] = isolateOnly(np)
+	}
+	return out, bad
+}
+
+// isolateOnly keeps what a broken policy says about whom it isolates, and nothing it allows.
+func isolateOnly(np *networkingv1.NetworkPolicy) networkingv1.NetworkPolicy {
+	n := networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: np.Name, Namespace: np.Namespace, ResourceVersion: np.ResourceVersion}}
+	if _, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector); err == nil {
+		n.Spec.PodSelector = *np.Spec.PodSelector.DeepCopy()
+	} // else the empty selector: every pod of the namespace, since we cannot tell which it meant
+	typesOK := true
+	for _, t := range np.Spec.PolicyTypes {
+		if t != networkingv1.PolicyTypeIngress && t != networkingv1.PolicyTypeEgress {
+			typesOK = false
+		}
+	}
+	switch {
+	case !typesOK:
+		n.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress}
+	case len(np.Spec.PolicyTypes) > 0:
+		n.Spec.PolicyTypes = append([]networkingv1.PolicyType(nil), np.Spec.PolicyTypes...)
+	default:
+		n.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}
+		if len(np.Spec.Egress) > 0 {
+			n.Spec.PolicyTypes = append(n.Spec.PolicyTypes, networkingv1.PolicyTypeEgress)
+		}
+	}
+	return n
+}
+
+func (s *APISource) reportBad(bad []badPolicy) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, b := range bad {
+		if s.badSeen[b.key] == b.rv {
+			continue // reported already; the object has not changed
+		}
+		s.badSeen[b.key] = b.rv
+		metricErrors.WithLabelValues("api", "object").Inc()
+		s.log.Error("NetworkPolicy does not compile; the pods it selects stay isolated with none of its rules until it is fixed",
+			"policy", b.key, "resourceVersion", b.rv, "err", b.err)
+	}
+}
+
+func (s *APISource) forgetBad(pols []networkingv1.NetworkPolicy) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.badSeen) == 0 {
+		return
+	}
+	keys := make([]string, 0, len(s.badSeen))
+	for k := range s.badSeen {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		s.log.Info("NetworkPolicy compiles again (fixed or deleted)", "policy", k)
+	}
+	clear(s.badSeen)
+}
+
+// trim keeps only what policy needs of an object, so tens of thousands of pods fit in little
+// memory: no managedFields, annotations (kubectl's last-applied copy can be kilobytes), status
+// conditions, volumes, env. It may see an object it trimmed already, so it is idempotent.
+func trim(obj any) (any, error) {
+	switch o := obj.(type) {
+	case *corev1.Pod:
+		p := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, UID: o.UID, ResourceVersion: o.ResourceVersion},
+			Spec:       corev1.PodSpec{NodeName: o.Spec.NodeName, HostNetwork: o.Spec.HostNetwork},
+			Status:     corev1.PodStatus{Phase: o.Status.Phase, PodIP: o.Status.PodIP, PodIPs: o.Status.PodIPs},
+		}
+		if policy.Participates(o) {
+			// Labels and ports matter only for pods that carry traffic; an update that makes
+			// a pod take part arrives as a whole object and is trimmed again.
+			p.Labels = o.Labels
+			for _, c := range o.Spec.Containers {
+				if ports := namedPorts(c.Ports); len(ports) > 0 {
+					p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: c.Name, Ports: ports})
+				}
+			}
+			for _, c := range o.Spec.InitContainers {
+				// Restartable init containers (sidecars) serve ports like containers do.
+				if c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+					if ports := namedPorts(c.Ports); len(ports) > 0 {
+						p.Spec.InitContainers = append(p.Spec.InitContainers, corev1.Container{Name: c.Name, Ports: ports, RestartPolicy: c.RestartPolicy})
+					}
+				}
+			}
+		}
+		return p, nil
+	case *corev1.Namespace:
+		return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: o.Name, UID: o.UID, ResourceVersion: o.ResourceVersion, Labels: o.Labels}}, nil
+	case *networkingv1.NetworkPolicy:
+		return &networkingv1.NetworkPolicy{
+			ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, UID: o.UID, ResourceVersion: o.ResourceVersion, Generation: o.Generation},
+			Spec:       o.Spec,
+		}, nil
+	}
+	return obj, nil
+}
+
+// namedPorts keeps the ports a policy can name; unnamed ones are matched by number alone.
+func namedPorts(in []corev1.ContainerPort) []corev1.ContainerPort {
+	var out []corev1.ContainerPort
+	for _, p := range in {
+		if p.Name != "" {
+			out = append(out, corev1.ContainerPort{Name: p.Name, ContainerPort: p.ContainerPort, Protocol: p.Protocol})
+		}
+	}
+	return out
+}
+
+// relevantChange reports whether an update changed anything policy reads. Pods are updated
+// often for reasons policy ignores (conditions, container statuses); after trim those updates
+// differ only in resourceVersion.
+func relevantChange(old, cur any) bool {
+	switch o := old.(type) {
+	case *corev1.Pod:
+		c, ok := cur.(*corev1.Pod)
+		return !ok || !apiequality.Semantic.DeepEqual(o.Labels, c.Labels) || !apiequality.Semantic.DeepEqual(o.Spec, c.Spec) ||
+			!apiequality.Semantic.DeepEqual(o.Status, c.Status)
+	case *corev1.Namespace:
+		c, ok := cur.(*corev1.Namespace)
+		return !ok || !apiequality.Semantic.DeepEqual(o.Labels, c.Labels)
+	case *networkingv1.NetworkPolicy:
+		c, ok := cur.(*networkingv1.NetworkPolicy)
+		return !ok || !apiequality.Semantic.DeepEqual(o.Spec, c.Spec)
+	}
+	return true
+}

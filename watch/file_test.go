@@ -1,0 +1,222 @@
+package watch
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/sluice-dev/sluice/policy"
+)
+
+const fileStateHeader = `apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+  labels: {tier: frontend}
+spec:
+  containers: [{name: c, image: x}]
+status:
+  podIP: 10.244.0.10
+  podIPs: [{ip: 10.244.0.10}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db
+  namespace: shop
+  labels: {tier: database}
+spec:
+  containers: [{name: c, image: x}]
+status:
+  podIP: 10.244.0.20
+  podIPs: [{ip: 10.244.0.20}]
+`
+
+// dbPolicy lets the frontend reach the database on port.
+func dbPolicy(port string) string {
+	return `---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: database
+  namespace: shop
+spec:
+  podSelector: {matchLabels: {tier: database}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {tier: frontend}}}]
+    ports: [{port: ` + port + `}]
+`
+}
+
+var webToDB = func(port uint16) policy.Flow {
+	return policy.Flow{Src: netip.MustParseAddr("10.244.0.10"), Dst: netip.MustParseAddr("10.244.0.20"), Proto: policy.TCP, Port: port}
+}
+
+// writeAtomic replaces path the way editors and kubectl-style writers do: a new file renamed
+// over the old one, so the watch on the old inode ends.
+func writeAtomic(t *testing.T, path, content string) {
+	t.Helper()
+	tmp := filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp")
+	if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
+
+// nextSnap waits (bounded) for the next published snapshot.
+func nextSnap(t *testing.T, ch <-chan *policy.Snapshot, what string) *policy.Snapshot {
+	t.Helper()
+	select {
+	case s := <-ch:
+		return s
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no snapshot published within 10 s: %s", what)
+		return nil
+	}
+}
+
+// eventually polls cond for up to 10 s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not true within 10 s: %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestFileSourceReloads(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "state.yaml")
+	writeAtomic(t, path, fileStateHeader+dbPolicy("5432"))
+
+	src := NewFileSource(path, policy.Options{}, testLogger(t))
+	src.Debounce = 20 * time.Millisecond
+	ch := make(chan *policy.Snapshot, 16)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, func(s *policy.Snapshot) { ch <- s }) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run after cancel: %v", err)
+		}
+	}()
+
+	s1 := nextSnap(t, ch, "first load")
+	eventually(t, "Ready() after the first snapshot", src.Ready)
+	if s1.Generation() != 1 {
+		t.Errorf("first generation %d, want 1", s1.Generation())
+	}
+	if v := s1.Decide(webToDB(5432)); !v.Allowed {
+		t.Fatalf("web->db:5432 denied by the first snapshot: %v", v)
+	}
+	if v := s1.Decide(webToDB(6379)); v.Allowed {
+		t.Fatalf("web->db:6379 allowed by the first snapshot: %v", v)
+	}
+
+	// A bad rewrite: logged, counted, nothing published; the last good snapshot stays.
+	loadErrs := metricValue(metricErrors.WithLabelValues("file", "load"))
+	writeAtomic(t, path, fileStateHeader+"---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: shop}\nspec:\n  podSelector: {matchExpressions: [{key: tier, operator: Bogus}]}\n")
+	eventually(t, "the bad file is counted as a load error", func() bool {
+		return metricValue(metricErrors.WithLabelValues("file", "load")) > loadErrs
+	})
+	if got := metricValue(metricStale.WithLabelValues("file")); got != 1 {
+		t.Errorf("stale gauge %v after a bad file, want 1", got)
+	}
+	select {
+	case s := <-ch:
+		t.Fatalf("a bad file published generation %d", s.Generation())
+	default:
+	}
+
+	// A good rewrite publishes the next generation with the new rules.
+	writeAtomic(t, path, fileStateHeader+dbPolicy("6379"))
+	s2 := nextSnap(t, ch, "good rewrite")
+	if s2.Generation() <= s1.Generation() {
+		t.Errorf("generation went from %d to %d", s1.Generation(), s2.Generation())
+	}
+	if v := s2.Decide(webToDB(6379)); !v.Allowed {
+		t.Errorf("web->db:6379 denied after the rewrite: %v", v)
+	}
+	if v := s2.Decide(webToDB(5432)); v.Allowed {
+		t.Errorf("web->db:5432 still allowed after the rewrite: %v", v)
+	}
+	if got := metricValue(metricStale.WithLabelValues("file")); got != 0 {
+		t.Errorf("stale gauge %v after a good file, want 0", got)
+	}
+
+	// An in-place write (no rename) is seen too.
+	if err := os.WriteFile(path, []byte(fileStateHeader), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s3 := nextSnap(t, ch, "in-place write")
+	if v := s3.Decide(webToDB(5432)); !v.Allowed || v.Reason != policy.ReasonUnisolated {
+		t.Errorf("web->db:5432 after removing the policy: %v, want allowed/unisolated", v)
+	}
+	if s3.Generation() <= s2.Generation() {
+		t.Errorf("generation went from %d to %d", s2.Generation(), s3.Generation())
+	}
+}
+
+func TestFileSourceFirstLoadFails(t *testing.T) {
+	dir := t.TempDir()
+	src := NewFileSource(filepath.Join(dir, "missing.yaml"), policy.Options{}, testLogger(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	published := false
+	err := src.Run(ctx, func(*policy.Snapshot) { published = true })
+	if err == nil {
+		t.Fatal("Run on a missing file returned nil")
+	}
+	if published || src.Ready() {
+		t.Error("a failed first load published a snapshot")
+	}
+	t.Logf("error as the operator sees it: %v", err)
+
+	bad := filepath.Join(dir, "bad.yaml")
+	writeAtomic(t, bad, "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: x, namespace: y}\nspec: {podSelector: {matchLabels: {\"bad key!\": v}}}\n")
+	if err := NewFileSource(bad, policy.Options{}, testLogger(t)).Run(ctx, func(*policy.Snapshot) { published = true }); err == nil || published {
+		t.Fatalf("Run on an invalid file: err %v, published %v", err, published)
+	}
+}
+
+// metricValue reads a counter or gauge (prometheus' testutil would pull in another module).
+func metricValue(m prometheus.Metric) float64 {
+	var out dto.Metric
+	if err := m.Write(&out); err != nil {
+		panic(err)
+	}
+	switch {
+	case out.Counter != nil:
+		return out.Counter.GetValue()
+	case out.Gauge != nil:
+		return out.Gauge.GetValue()
+	}
+	panic("metricValue: not a counter or gauge")
+}
