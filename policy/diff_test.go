@@ -1,0 +1,673 @@
+package policy_test
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"pgregory.net/rapid"
+	"sigs.k8s.io/yaml"
+
+	"github.com/sluice-dev/sluice/policy"
+)
+
+// Differential test: random clusters and random policies exercising every feature of
+// networking.k8s.io/v1, compiled with a random node, and Decide / Explain / Pod / IsLocal
+// compared with the literal reference on many flows each. The vocabularies below are tiny on
+// purpose, so that selectors, IPs, ipBlocks, named ports and port ranges collide often.
+//
+// `go test` checks at least diffDefaultFlows flows; SLUICE_DIFF_FLOWS=N checks at least N.
+
+const (
+	diffDefaultFlows  = 150_000
+	diffFlowsPerCheck = 1500
+)
+
+var (
+	diffNamespaces = []string{"alpha", "beta", "gamma", "delta"}
+	diffNodes      = []string{"node-a", "node-b"}
+	diffLabelKeys  = []string{"app", "tier", "env"}
+	diffLabelVals  = []string{"x", "y", "z"}
+	diffPortNames  = []string{"http", "dns", "metrics", "nope"}
+	diffPortNums   = []int32{53, 80, 81, 8080, 8085}
+	diffProtos     = []corev1.Protocol{corev1.ProtocolTCP, corev1.ProtocolUDP, corev1.ProtocolSCTP}
+	// Pod addresses are drawn from small pools so that ipBlocks cover some of them and two pods
+	// sometimes claim the same address.
+	diffPodV4 = []string{"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.1.7", "10.0.1.8"}
+	diffPodV6 = []string{"fd00::1", "fd00::2", "fd00::3", "fd00::4", "fd00::5", "fd00::1:6", "fd00::1:7", "fd00::1:8"}
+	// Addresses that are nobody's: inside and outside the ipBlocks' prefixes.
+	diffOutside = []string{"10.0.0.9", "10.0.2.1", "10.1.0.1", "192.168.1.1", "8.8.8.8", "0.0.0.1",
+		"fd00::9", "fd00::2:1", "fd01::1", "2001:db8::1", "::1"}
+	// Flow ports sit on and next to every port, range end and container port above.
+	diffFlowPorts = []uint16{0, 52, 53, 54, 79, 80, 81, 82, 83, 84, 85, 86, 8079, 8080, 8081, 8084, 8085, 8086, 8090, 8091, 65535}
+)
+
+var (
+	diffFlowsChecked atomic.Int64
+	// diffReasons counts the reference's verdicts by reason, to show the mix is not one-sided.
+	diffReasons [4]atomic.Int64
+)
+
+func TestDifferential(t *testing.T) {
+	target := int64(diffDefaultFlows)
+	if s := os.Getenv("SLUICE_DIFF_FLOWS"); s != "" {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || n <= 0 {
+			t.Fatalf("SLUICE_DIFF_FLOWS=%q: want a positive number of flows", s)
+		}
+		target = n
+	}
+	diffFlowsChecked.Store(0)
+	for i := range diffReasons {
+		diffReasons[i].Store(0)
+	}
+	clusters := 0
+	for diffFlowsChecked.Load() < target {
+		rapid.Check(t, func(rt *rapid.T) {
+			diffProperty(rt)
+		})
+		if t.Failed() {
+			break
+		}
+		clusters++
+	}
+	t.Logf("differential: %d flows checked over %d rapid runs (target %d); verdicts: %d unisolated, %d rule, %d egress-denied, %d ingress-denied",
+		diffFlowsChecked.Load(), clusters, target, diffReasons[policy.ReasonUnisolated].Load(), diffReasons[policy.ReasonRule].Load(),
+		diffReasons[policy.ReasonEgress].Load(), diffReasons[policy.ReasonIngress].Load())
+	if !t.Failed() && diffFlowsChecked.Load() < target {
+		t.Fatalf("only %d flows checked, want at least %d", diffFlowsChecked.Load(), target)
+	}
+}
+
+func diffProperty(rt *rapid.T) {
+	st := drawState(rt)
+	opt := policy.Options{Node: rapid.SampledFrom([]string{"", "", "node-a", "node-b", "node-c"}).Draw(rt, "node"), Generation: 7}
+	seed := rapid.Uint64().Draw(rt, "flowseed")
+	snap, err := policy.Compile(st, opt)
+	if err != nil {
+		rt.Fatalf("Compile failed on a valid state: %v\n%s", err, stateYAML(st, opt))
+	}
+	if snap.Generation() != 7 {
+		rt.Fatalf("Generation() = %d, want 7", snap.Generation())
+	}
+	addrs := diffAddrs(st)
+	var owned []netip.Addr // addresses of participating pods: most flows start or end there
+	for _, a := range addrs {
+		if msg := diffOwner(st, opt, snap, a); msg != "" {
+			rt.Fatalf("%s\n%s", msg, stateYAML(st, opt))
+		}
+		if _, _, ok := policy.RefOwner(st, opt, a); ok {
+			owned = append(owned, a)
+		}
+	}
+	r := rand.New(rand.NewPCG(seed, 1))
+	ports := diffPorts(st)
+	for i := 0; i < diffFlowsPerCheck; i++ {
+		f := diffFlow(r, addrs, owned, ports)
+		if msg := diffMismatch(st, opt, snap, f); msg != "" {
+			min := minimize(st, opt, f)
+			rt.Fatalf("%s\nminimal state (%d namespaces, %d pods, %d policies):\n%s",
+				msg, len(min.Namespaces), len(min.Pods), len(min.Policies), stateYAML(min, opt))
+		}
+		diffFlowsChecked.Add(1)
+	}
+}
+
+// diffMismatch compares every public answer about f with the reference; "" when all agree.
+func diffMismatch(st *policy.State, opt policy.Options, snap *policy.Snapshot, f policy.Flow) string {
+	want := policy.ReferenceDecide(st, opt, f)
+	got := snap.Decide(f)
+	ex := snap.Explain(f)
+	if int(want.Reason) < len(diffReasons) {
+		diffReasons[want.Reason].Add(1)
+	}
+	if got != want || ex.Allowed != got.Allowed || ex.Reason != got.Reason.String() {
+		return fmt.Sprintf("flow %s -> %s %d/%s (node %q): Decide=%v/%s Explain=%v/%s Reference=%v/%s",
+			f.Src, f.Dst, f.Port, f.Proto, opt.Node, got.Allowed, got.Reason, ex.Allowed, ex.Reason, want.Allowed, want.Reason)
+	}
+	return ""
+}
+
+func diffOwner(st *policy.State, opt policy.Options, snap *policy.Snapshot, a netip.Addr) string {
+	ref, local, ok := policy.RefOwner(st, opt, a)
+	got, gotOK := snap.Pod(a)
+	if ok != gotOK || got != ref {
+		return fmt.Sprintf("Pod(%s) = %v,%v; reference owner %v,%v (node %q)", a, got, gotOK, ref, ok, opt.Node)
+	}
+	if gl := snap.IsLocal(a); gl != (ok && local) {
+		return fmt.Sprintf("IsLocal(%s) = %v; reference %v (owner %v, node %q)", a, gl, ok && local, ref, opt.Node)
+	}
+	return ""
+}
+
+// diffAddrs lists every address worth asking about: each pod's (participating or not) and the
+// outside ones.
+func diffAddrs(st *policy.State) []netip.Addr {
+	seen := map[netip.Addr]bool{}
+	var out []netip.Addr
+	add := func(s string) {
+		if a, err := netip.ParseAddr(s); err == nil && !seen[a] {
+			seen[a] = true
+			out = append(out, a)
+		}
+	}
+	for _, p := range st.Pods {
+		add(p.Status.PodIP)
+		for _, ip := range p.Status.PodIPs {
+			add(ip.IP)
+		}
+	}
+	for _, s := range diffOutside {
+		add(s)
+	}
+	return out
+}
+
+type diffPort struct {
+	proto policy.Protocol
+	port  uint16
+}
+
+// diffPorts lists the protocol/port pairs the state talks about, and their neighbours, so that
+// flows hit rules' ports and range ends often.
+func diffPorts(st *policy.State) []diffPort {
+	var out []diffPort
+	add := func(proto policy.Protocol, ports ...int32) {
+		for _, p := range ports {
+			if p >= 0 && p <= 65535 {
+				out = append(out, diffPort{proto, uint16(p)})
+			}
+		}
+	}
+	for _, p := range st.Pods {
+		for _, c := range p.Spec.Containers {
+			for _, cp := range c.Ports {
+				proto, _ := policy.ProtocolFromK8s(cp.Protocol)
+				add(proto, cp.ContainerPort)
+			}
+		}
+	}
+	for _, np := range st.Policies {
+		var all []networkingv1.NetworkPolicyPort
+		for _, r := range np.Spec.Ingress {
+			all = append(all, r.Ports...)
+		}
+		for _, r := range np.Spec.Egress {
+			all = append(all, r.Ports...)
+		}
+		for _, pp := range all {
+			proto := policy.TCP
+			if pp.Protocol != nil {
+				proto, _ = policy.ProtocolFromK8s(*pp.Protocol)
+			}
+			switch {
+			case pp.Port == nil:
+				add(proto, 1, 80, 65535)
+			case pp.Port.Type == intstr.Int:
+				add(proto, pp.Port.IntVal-1, pp.Port.IntVal, pp.Port.IntVal+1)
+				if pp.EndPort != nil {
+					add(proto, *pp.EndPort, *pp.EndPort+1)
+				}
+			}
+		}
+	}
+	return out
+}
+
+func diffFlow(r *rand.Rand, addrs, owned []netip.Addr, ports []diffPort) policy.Flow {
+	pick := func() netip.Addr {
+		if len(owned) > 0 && r.IntN(4) != 0 {
+			return owned[r.IntN(len(owned))]
+		}
+		return addrs[r.IntN(len(addrs))]
+	}
+	for {
+		src, dst := pick(), pick()
+		if src.Is4() != dst.Is4() {
+			continue
+		}
+		f := policy.Flow{Src: src, Dst: dst}
+		switch k := r.IntN(20); {
+		case k < 8:
+			f.Proto = policy.TCP
+		case k < 13:
+			f.Proto = policy.UDP
+		case k < 18:
+			f.Proto = policy.SCTP
+		case k < 19:
+			f.Proto = 1 // ICMP: only rules without ports admit it
+		default:
+			f.Proto = 58
+		}
+		f.Port = diffFlowPorts[r.IntN(len(diffFlowPorts))]
+		if f.Proto == 1 || f.Proto == 58 {
+			f.Port = 0
+		} else if len(ports) > 0 && r.IntN(2) == 0 {
+			p := ports[r.IntN(len(ports))]
+			f.Proto, f.Port = p.proto, p.port
+		}
+		return f
+	}
+}
+
+// ---- generators --------------------------------------------------------------------------
+
+func drawLabels(rt *rapid.T, label string) map[string]string {
+	n := rapid.IntRange(0, len(diffLabelKeys)).Draw(rt, label+".n")
+	if n == 0 {
+		return nil
+	}
+	m := map[string]string{}
+	for _, k := range rapid.Permutation(diffLabelKeys).Draw(rt, label+".keys")[:n] {
+		m[k] = rapid.SampledFrom(diffLabelVals).Draw(rt, label+".v")
+	}
+	return m
+}
+
+func drawSelector(rt *rapid.T, label string, nsSelector bool) *metav1.LabelSelector {
+	sel := &metav1.LabelSelector{}
+	keys := diffLabelKeys
+	if nsSelector {
+		keys = append([]string{"kubernetes.io/metadata.name"}, diffLabelKeys...)
+	}
+	value := func(k string) string {
+		if k == "kubernetes.io/metadata.name" {
+			return rapid.SampledFrom(diffNamespaces).Draw(rt, label+".ns")
+		}
+		return rapid.SampledFrom(diffLabelVals).Draw(rt, label+".v")
+	}
+	if rapid.IntRange(0, 2).Draw(rt, label+".hasML") > 0 {
+		for i, n := 0, rapid.IntRange(1, 2).Draw(rt, label+".nml"); i < n; i++ {
+			k := rapid.SampledFrom(keys).Draw(rt, label+".k")
+			if sel.MatchLabels == nil {
+				sel.MatchLabels = map[string]string{}
+			}
+			sel.MatchLabels[k] = value(k)
+		}
+	}
+	for i, n := 0, rapid.IntRange(0, 2).Draw(rt, label+".nme"); i < n; i++ {
+		k := rapid.SampledFrom(keys).Draw(rt, label+".k")
+		op := rapid.SampledFrom([]metav1.LabelSelectorOperator{
+			metav1.LabelSelectorOpIn, metav1.LabelSelectorOpNotIn, metav1.LabelSelectorOpExists, metav1.LabelSelectorOpDoesNotExist,
+		}).Draw(rt, label+".op")
+		req := metav1.LabelSelectorRequirement{Key: k, Operator: op}
+		if op == metav1.LabelSelectorOpIn || op == metav1.LabelSelectorOpNotIn {
+			for j, m := 0, rapid.IntRange(1, 2).Draw(rt, label+".nv"); j < m; j++ {
+				req.Values = append(req.Values, value(k))
+			}
+		}
+		sel.MatchExpressions = append(sel.MatchExpressions, req)
+	}
+	return sel
+}
+
+func drawPod(rt *rapid.T, i int) corev1.Pod {
+	p := corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: rapid.SampledFrom(diffNamespaces).Draw(rt, "pod.ns"),
+			Name:      fmt.Sprintf("p%d", i),
+			Labels:    drawLabels(rt, "pod.labels"),
+		},
+		Spec: corev1.PodSpec{NodeName: rapid.SampledFrom(diffNodes).Draw(rt, "pod.node")},
+	}
+	for c, nc := 0, rapid.IntRange(1, 2).Draw(rt, "pod.ncont"); c < nc; c++ {
+		ctr := corev1.Container{Name: fmt.Sprintf("c%d", c), Image: "img"}
+		// Names are unique within a container (the API server insists) but may repeat across
+		// containers.
+		used := map[string]bool{}
+		for j, np := 0, rapid.IntRange(0, 3).Draw(rt, "pod.nports"); j < np; j++ {
+			cp := corev1.ContainerPort{ContainerPort: rapid.SampledFrom(diffPortNums).Draw(rt, "cport")}
+			if name := rapid.SampledFrom(append([]string{""}, diffPortNames[:3]...)).Draw(rt, "cport.name"); name != "" && !used[name] {
+				used[name] = true
+				cp.Name = name
+			}
+			if k := rapid.IntRange(0, 3).Draw(rt, "cport.proto"); k < 3 {
+				cp.Protocol = diffProtos[k]
+			}
+			ctr.Ports = append(ctr.Ports, cp)
+		}
+		p.Spec.Containers = append(p.Spec.Containers, ctr)
+	}
+	v4 := rapid.SampledFrom(diffPodV4).Draw(rt, "pod.v4")
+	v6 := rapid.SampledFrom(diffPodV6).Draw(rt, "pod.v6")
+	switch rapid.IntRange(0, 5).Draw(rt, "pod.ipmode") {
+	case 0, 1:
+		p.Status.PodIP, p.Status.PodIPs = v4, []corev1.PodIP{{IP: v4}}
+	case 2:
+		p.Status.PodIP, p.Status.PodIPs = v4, []corev1.PodIP{{IP: v4}, {IP: v6}}
+	case 3:
+		p.Status.PodIP, p.Status.PodIPs = v6, []corev1.PodIP{{IP: v6}, {IP: v4}}
+	case 4:
+		p.Status.PodIP = v4 // an old status with only podIP
+	case 5:
+		// no address yet
+	}
+	p.Status.Phase = rapid.SampledFrom([]corev1.PodPhase{
+		corev1.PodRunning, corev1.PodRunning, corev1.PodRunning, corev1.PodPending, corev1.PodSucceeded, corev1.PodFailed, "",
+	}).Draw(rt, "pod.phase")
+	p.Spec.HostNetwork = rapid.IntRange(0, 9).Draw(rt, "pod.hostnet") == 0
+	return p
+}
+
+func drawIPBlock(rt *rapid.T) *networkingv1.IPBlock {
+	pool := append(append([]string{}, diffPodV4...), diffPodV6...)
+	pool = append(pool, diffOutside...)
+	base := netip.MustParseAddr(rapid.SampledFrom(pool).Draw(rt, "ipb.base"))
+	var lens []int
+	if base.Is4() {
+		lens = []int{0, 8, 16, 23, 24, 29, 30, 31, 32}
+	} else {
+		lens = []int{0, 8, 16, 64, 112, 120, 126, 127, 128}
+	}
+	bits := rapid.SampledFrom(lens).Draw(rt, "ipb.len")
+	cidr := netip.PrefixFrom(base, bits).Masked()
+	b := &networkingv1.IPBlock{CIDR: cidr.String()}
+	for i, n := 0, rapid.IntRange(0, 2).Draw(rt, "ipb.nexcept"); i < n; i++ {
+		// except must lie inside cidr: take an address inside and a longer prefix.
+		var inside []netip.Addr
+		for _, s := range pool {
+			if a := netip.MustParseAddr(s); cidr.Contains(a) {
+				inside = append(inside, a)
+			}
+		}
+		if len(inside) == 0 || bits == cidr.Addr().BitLen() {
+			break
+		}
+		a := rapid.SampledFrom(inside).Draw(rt, "ipb.exa")
+		exBits := rapid.IntRange(bits+1, a.BitLen()).Draw(rt, "ipb.exlen")
+		b.Except = append(b.Except, netip.PrefixFrom(a, exBits).Masked().String())
+	}
+	return b
+}
+
+func drawPeer(rt *rapid.T) networkingv1.NetworkPolicyPeer {
+	switch rapid.IntRange(0, 3).Draw(rt, "peer.kind") {
+	case 0:
+		return networkingv1.NetworkPolicyPeer{PodSelector: drawSelector(rt, "peer.pod", false)}
+	case 1:
+		return networkingv1.NetworkPolicyPeer{NamespaceSelector: drawSelector(rt, "peer.ns", true)}
+	case 2:
+		return networkingv1.NetworkPolicyPeer{
+			NamespaceSelector: drawSelector(rt, "peer.ns", true),
+			PodSelector:       drawSelector(rt, "peer.pod", false),
+		}
+	}
+	return networkingv1.NetworkPolicyPeer{IPBlock: drawIPBlock(rt)}
+}
+
+func drawPorts(rt *rapid.T) []networkingv1.NetworkPolicyPort {
+	n := rapid.IntRange(0, 3).Draw(rt, "ports.n")
+	if n == 0 {
+		return nil
+	}
+	var out []networkingv1.NetworkPolicyPort
+	for i := 0; i < n; i++ {
+		var p networkingv1.NetworkPolicyPort
+		if k := rapid.IntRange(0, 3).Draw(rt, "port.proto"); k < 3 {
+			proto := diffProtos[k]
+			p.Protocol = &proto
+		}
+		switch rapid.IntRange(0, 3).Draw(rt, "port.kind") {
+		case 0: // protocol only: every port of it
+		case 1:
+			v := intstr.FromInt32(rapid.SampledFrom(diffPortNums).Draw(rt, "port.num"))
+			p.Port = &v
+		case 2:
+			start := rapid.SampledFrom(diffPortNums).Draw(rt, "port.start")
+			v := intstr.FromInt32(start)
+			end := start + rapid.SampledFrom([]int32{0, 1, 5, 10}).Draw(rt, "port.span")
+			p.Port, p.EndPort = &v, &end
+		case 3:
+			v := intstr.FromString(rapid.SampledFrom(diffPortNames).Draw(rt, "port.name"))
+			p.Port = &v
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+func drawPolicy(rt *rapid.T, i int, podNamespaces []string) networkingv1.NetworkPolicy {
+	// Mostly where the pods are, or the policy would isolate nobody.
+	nss := diffNamespaces
+	if len(podNamespaces) > 0 && rapid.IntRange(0, 3).Draw(rt, "np.nearpods") > 0 {
+		nss = podNamespaces
+	}
+	np := networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: rapid.SampledFrom(nss).Draw(rt, "np.ns"),
+			Name:      fmt.Sprintf("np%d", i),
+		},
+	}
+	if rapid.IntRange(0, 2).Draw(rt, "np.selectall") > 0 {
+		np.Spec.PodSelector = *drawSelector(rt, "np.sel", false)
+	}
+	// ingress/egress: absent, present but empty ([] allows nothing), or rules.
+	switch rapid.IntRange(0, 2).Draw(rt, "np.ingress") {
+	case 1:
+		np.Spec.Ingress = []networkingv1.NetworkPolicyIngressRule{}
+	case 2:
+		for j, n := 0, rapid.IntRange(1, 3).Draw(rt, "np.ningress"); j < n; j++ {
+			var r networkingv1.NetworkPolicyIngressRule
+			if rapid.IntRange(0, 3).Draw(rt, "rule.haspeers") > 0 {
+				for k, m := 0, rapid.IntRange(1, 3).Draw(rt, "rule.npeers"); k < m; k++ {
+					r.From = append(r.From, drawPeer(rt))
+				}
+			}
+			r.Ports = drawPorts(rt)
+			np.Spec.Ingress = append(np.Spec.Ingress, r)
+		}
+	}
+	switch rapid.IntRange(0, 2).Draw(rt, "np.egress") {
+	case 1:
+		np.Spec.Egress = []networkingv1.NetworkPolicyEgressRule{}
+	case 2:
+		for j, n := 0, rapid.IntRange(1, 3).Draw(rt, "np.negress"); j < n; j++ {
+			var r networkingv1.NetworkPolicyEgressRule
+			if rapid.IntRange(0, 3).Draw(rt, "rule.haspeers") > 0 {
+				for k, m := 0, rapid.IntRange(1, 3).Draw(rt, "rule.npeers"); k < m; k++ {
+					r.To = append(r.To, drawPeer(rt))
+				}
+			}
+			r.Ports = drawPorts(rt)
+			np.Spec.Egress = append(np.Spec.Egress, r)
+		}
+	}
+	switch rapid.IntRange(0, 4).Draw(rt, "np.types") {
+	case 0, 1: // omitted: defaulted from the rules
+	case 2:
+		np.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}
+	case 3:
+		np.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeEgress}
+	case 4:
+		np.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress}
+	}
+	return np
+}
+
+func drawState(rt *rapid.T) *policy.State {
+	st := &policy.State{}
+	// Some namespaces have no object at all: they still carry their name label.
+	for _, ns := range rapid.Permutation(diffNamespaces).Draw(rt, "nss")[:rapid.IntRange(0, len(diffNamespaces)).Draw(rt, "nns")] {
+		o := corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns, Labels: drawLabels(rt, "ns.labels")}}
+		if rapid.Bool().Draw(rt, "ns.namelabel") {
+			if o.Labels == nil {
+				o.Labels = map[string]string{}
+			}
+			o.Labels["kubernetes.io/metadata.name"] = ns
+		}
+		st.Namespaces = append(st.Namespaces, o)
+	}
+	for i, n := 0, rapid.IntRange(1, 8).Draw(rt, "npods"); i < n; i++ {
+		st.Pods = append(st.Pods, drawPod(rt, i))
+	}
+	var podNamespaces []string
+	for _, p := range st.Pods {
+		podNamespaces = append(podNamespaces, p.Namespace)
+	}
+	for i, n := 0, rapid.IntRange(1, 6).Draw(rt, "npolicies"); i < n; i++ {
+		st.Policies = append(st.Policies, drawPolicy(rt, i, podNamespaces))
+	}
+	return st
+}
+
+// ---- reporting ---------------------------------------------------------------------------
+
+// minimize greedily drops objects, rules, peers and ports while the disagreement on f
+// persists, so the report shows only what matters.
+func minimize(st *policy.State, opt policy.Options, f policy.Flow) *policy.State {
+	fails := func(s *policy.State) bool {
+		snap, err := policy.Compile(s, opt)
+		if err != nil {
+			return false
+		}
+		return diffMismatch(s, opt, snap, f) != ""
+	}
+	cur := cloneState(st)
+	for changed := true; changed; {
+		changed = false
+		try := func(mut func(*policy.State) bool) {
+			c := cloneState(cur)
+			if mut(c) && fails(c) {
+				cur, changed = c, true
+			}
+		}
+		for i := len(cur.Policies) - 1; i >= 0; i-- {
+			try(func(s *policy.State) bool {
+				if i >= len(s.Policies) {
+					return false
+				}
+				s.Policies = append(s.Policies[:i], s.Policies[i+1:]...)
+				return true
+			})
+		}
+		for i := len(cur.Pods) - 1; i >= 0; i-- {
+			try(func(s *policy.State) bool {
+				if i >= len(s.Pods) {
+					return false
+				}
+				s.Pods = append(s.Pods[:i], s.Pods[i+1:]...)
+				return true
+			})
+		}
+		for i := len(cur.Namespaces) - 1; i >= 0; i-- {
+			try(func(s *policy.State) bool {
+				if i >= len(s.Namespaces) {
+					return false
+				}
+				s.Namespaces = append(s.Namespaces[:i], s.Namespaces[i+1:]...)
+				return true
+			})
+		}
+		for pi := range cur.Pods {
+			for ci := range cur.Pods[pi].Spec.Containers {
+				for k := len(cur.Pods[pi].Spec.Containers[ci].Ports) - 1; k >= 0; k-- {
+					try(func(s *policy.State) bool {
+						ps := s.Pods[pi].Spec.Containers[ci].Ports
+						s.Pods[pi].Spec.Containers[ci].Ports = append(ps[:k:k], ps[k+1:]...)
+						return true
+					})
+				}
+			}
+		}
+		for pi := range cur.Policies {
+			for ri := range cur.Policies[pi].Spec.Ingress {
+				for k := len(cur.Policies[pi].Spec.Ingress[ri].From) - 1; k >= 0; k-- {
+					try(func(s *policy.State) bool {
+						ps := s.Policies[pi].Spec.Ingress[ri].From
+						s.Policies[pi].Spec.Ingress[ri].From = append(ps[:k:k], ps[k+1:]...)
+						return true
+					})
+				}
+				for k := len(cur.Policies[pi].Spec.Ingress[ri].Ports) - 1; k >= 0; k-- {
+					try(func(s *policy.State) bool {
+						ps := s.Policies[pi].Spec.Ingress[ri].Ports
+						s.Policies[pi].Spec.Ingress[ri].Ports = append(ps[:k:k], ps[k+1:]...)
+						return true
+					})
+				}
+			}
+			for ri := range cur.Policies[pi].Spec.Egress {
+				for k := len(cur.Policies[pi].Spec.Egress[ri].To) - 1; k >= 0; k-- {
+					try(func(s *policy.State) bool {
+						ps := s.Policies[pi].Spec.Egress[ri].To
+						s.Policies[pi].Spec.Egress[ri].To = append(ps[:k:k], ps[k+1:]...)
+						return true
+					})
+				}
+				for k := len(cur.Policies[pi].Spec.Egress[ri].Ports) - 1; k >= 0; k-- {
+					try(func(s *policy.State) bool {
+						ps := s.Policies[pi].Spec.Egress[ri].Ports
+						s.Policies[pi].Spec.Egress[ri].Ports = append(ps[:k:k], ps[k+1:]...)
+						return true
+					})
+				}
+			}
+			for ri := len(cur.Policies[pi].Spec.Ingress) - 1; ri >= 0; ri-- {
+				try(func(s *policy.State) bool {
+					r := s.Policies[pi].Spec.Ingress
+					s.Policies[pi].Spec.Ingress = append(r[:ri:ri], r[ri+1:]...)
+					return true
+				})
+			}
+			for ri := len(cur.Policies[pi].Spec.Egress) - 1; ri >= 0; ri-- {
+				try(func(s *policy.State) bool {
+					r := s.Policies[pi].Spec.Egress
+					s.Policies[pi].Spec.Egress = append(r[:ri:ri], r[ri+1:]...)
+					return true
+				})
+			}
+		}
+	}
+	return cur
+}
+
+func cloneState(st *policy.State) *policy.State {
+	c := &policy.State{}
+	for i := range st.Namespaces {
+		c.Namespaces = append(c.Namespaces, *st.Namespaces[i].DeepCopy())
+	}
+	for i := range st.Pods {
+		c.Pods = append(c.Pods, *st.Pods[i].DeepCopy())
+	}
+	for i := range st.Policies {
+		c.Policies = append(c.Policies, *st.Policies[i].DeepCopy())
+	}
+	return c
+}
+
+// stateYAML renders st as the multi-document file `sluice explain --state` reads.
+func stateYAML(st *policy.State, opt policy.Options) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "# Options.Node=%q\n", opt.Node)
+	emit := func(o any) {
+		y, err := yaml.Marshal(o)
+		if err != nil {
+			fmt.Fprintf(&b, "# marshal: %v\n", err)
+			return
+		}
+		b.WriteString("---\n")
+		b.Write(y)
+	}
+	for _, o := range st.Namespaces {
+		o.TypeMeta = metav1.TypeMeta{APIVersion: "v1", Kind: "Namespace"}
+		emit(o)
+	}
+	for _, o := range st.Pods {
+		o.TypeMeta = metav1.TypeMeta{APIVersion: "v1", Kind: "Pod"}
+		emit(o)
+	}
+	for _, o := range st.Policies {
+		o.TypeMeta = metav1.TypeMeta{APIVersion: "networking.k8s.io/v1", Kind: "NetworkPolicy"}
+		emit(o)
+	}
+	return b.String()
+}
