@@ -1,0 +1,483 @@
+// Command bench measures what sluice costs, side by side with no filter, a conntrack rule, the
+// bare NFQUEUE ceiling and the same policies as plain iptables rules, with real packets through a
+// network-namespace lab on this machine.
+//
+//	go run ./bench -quick      # < 1 min; last line: JSON with sluice_vs_bare_nfqueue, sluice_vs_no_filter
+//	go run ./bench             # full run (make bench); rewrites bench/RESULTS.md and its plots
+//
+// Must run as root (namespaces, iptables). Everything it creates lives in its own lab
+// namespaces, removed on exit and on SIGINT/SIGTERM.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sluice-dev/sluice/internal/netlab"
+)
+
+type options struct {
+	quick     bool
+	out       string
+	runs      int
+	duration  time.Duration
+	clients   []int
+	policies  []int
+	base      int
+	sluice    string
+	micro     bool
+	benchtime time.Duration
+	pprof     bool
+}
+
+func parseInts(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("%q is not a positive integer", f)
+		}
+		out = append(out, n)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("empty list")
+	}
+	return out, nil
+}
+
+func main() {
+	if runRole(os.Args[1:]) {
+		return
+	}
+	var o options
+	var clients, policies string
+	flag.BoolVar(&o.quick, "quick", false, "short run (< 1 min): no filter, bare NFQUEUE and sluice only; prints the JSON summary last")
+	flag.StringVar(&o.out, "out", "bench/RESULTS.md", "report to rewrite (full run only); plots are written beside it")
+	flag.IntVar(&o.runs, "runs", 0, "repetitions of every measurement (default 3, quick 3)")
+	flag.DurationVar(&o.duration, "duration", 0, "length of one measurement (default 2s, quick 1.5s)")
+	flag.StringVar(&clients, "clients", "", "concurrent client counts (default 1,4,16; quick 4)")
+	flag.StringVar(&policies, "policies", "10,1000,10000", "policy counts for the scaling runs")
+	flag.IntVar(&o.base, "base-policies", 1000, "policy count for the client-scaling runs")
+	flag.StringVar(&o.sluice, "sluice", "", "sluice binary (default: go build ./cmd/sluice into a temporary directory)")
+	flag.BoolVar(&o.micro, "micro", true, "run the micro benchmarks (full run only)")
+	flag.DurationVar(&o.benchtime, "benchtime", 300*time.Millisecond, "time per micro benchmark")
+	flag.BoolVar(&o.pprof, "pprof", true, "capture a CPU profile of the agent from its /debug/pprof endpoint, when it has one")
+	flag.Parse()
+	if o.runs == 0 {
+		o.runs = 3
+	}
+	if o.duration == 0 {
+		o.duration = 2 * time.Second
+		if o.quick {
+			o.duration = 1500 * time.Millisecond
+		}
+	}
+	if clients == "" {
+		clients = "1,4,16"
+		if o.quick {
+			clients = "4"
+		}
+	}
+	var err error
+	if o.clients, err = parseInts(clients); err != nil {
+		fatal("-clients: %v", err)
+	}
+	if o.policies, err = parseInts(policies); err != nil {
+		fatal("-policies: %v", err)
+	}
+	if o.runs > 20 || o.duration > time.Minute {
+		fatal("-runs at most 20 and -duration at most 1m: every run must stay bounded")
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	sum, err := run(ctx, o, os.Stderr)
+	if sum != nil {
+		b, _ := json.Marshal(sum)
+		fmt.Println(string(b))
+	}
+	if err != nil {
+		fatal("%v", err)
+	}
+}
+
+func fatal(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
+	os.Exit(1)
+}
+
+type harness struct {
+	o              options
+	lab            *netlab.Lab
+	client, server *netlab.Host
+	self, sluice   string
+	tmp            string
+	srv            *server
+	log            io.Writer
+	notes          []string
+	results        []*result
+	agentHist      map[string]histSummary
+	microRes       []microResult
+	profileTop     string
+	profileOf      string
+	machine        machineInfo
+	started        time.Time
+	planned, done  int
+}
+
+func (h *harness) progress(format string, args ...any) {
+	fmt.Fprintf(h.log, "%s "+format+"\n", append([]any{time.Since(h.started).Truncate(100 * time.Millisecond)}, args...)...)
+}
+
+func (h *harness) note(format string, args ...any) {
+	n := fmt.Sprintf(format, args...)
+	h.notes = append(h.notes, n)
+	h.progress("NOTE: %s", n)
+}
+
+// run is the whole harness; the summary it returns is the JSON line.
+func run(ctx context.Context, o options, log io.Writer) (*summary, error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("must run as root: the lab uses network namespaces and iptables")
+	}
+	for _, b := range []string{"ip", "iptables", "iptables-restore", "iptables-save", "conntrack"} {
+		if _, err := exec.LookPath(b); err != nil {
+			return nil, fmt.Errorf("%s is missing: run hack/deps.sh (or make deps)", b)
+		}
+	}
+	h := &harness{o: o, log: log, started: time.Now(), agentHist: map[string]histSummary{}}
+	h.machine = describeMachine()
+	var err error
+	if h.self, err = os.Executable(); err != nil {
+		return nil, err
+	}
+	if h.tmp, err = os.MkdirTemp("", "sluice-bench-"); err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(h.tmp)
+
+	h.sluice = o.sluice
+	if h.sluice == "" {
+		h.progress("building sluice (go build ./cmd/sluice)")
+		bin := filepath.Join(h.tmp, "sluice")
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/sluice")
+		cmd.Dir = repoRoot()
+		if out, err := cmd.CombinedOutput(); err != nil {
+			h.note("sluice did not build, its configurations are skipped: %v: %s", err, firstLines(string(out), 5))
+		} else {
+			h.sluice = bin
+		}
+	}
+	if h.sluice != "" {
+		if out, err := exec.Command(h.sluice, "agent", "--help").CombinedOutput(); err != nil {
+			h.note("`sluice agent` is not available, its configurations are skipped: %v: %s", err, firstLines(string(out), 3))
+			h.sluice = ""
+		}
+	}
+
+	if o.micro && !o.quick {
+		h.progress("micro benchmarks (benchtime %s each)", o.benchtime)
+		h.microRes = runMicro(o.policies, o.benchtime, h.progress)
+	}
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+
+	h.lab, err = netlab.New("bench", netlab.WithLogger(slog.New(slog.DiscardHandler)))
+	if err != nil {
+		return nil, err
+	}
+	defer h.lab.Close()
+	if h.client, err = h.lab.AddHost("client", clientIP); err != nil {
+		return nil, err
+	}
+	if h.server, err = h.lab.AddHost("server", serverIP); err != nil {
+		return nil, err
+	}
+	h.client.Sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+	h.server.Sysctl("net.core.somaxconn", "8192")
+	h.server.Sysctl("net.ipv4.tcp_max_syn_backlog", "8192")
+	h.lab.Node().Sysctl("net.netfilter.nf_conntrack_max", "1048576")
+	if err := h.startServer(); err != nil {
+		return nil, err
+	}
+	defer h.srv.close()
+	h.progress("lab %s ready: client %s -> node -> server %s", h.lab.ID, clientIP, serverIP)
+
+	plan := h.plan()
+	for _, st := range plan {
+		h.planned += len(st.workloads) * o.runs
+	}
+	for _, st := range plan {
+		if ctx.Err() != nil {
+			break
+		}
+		h.step(ctx, st)
+	}
+	if ctx.Err() != nil {
+		return h.summary(), fmt.Errorf("interrupted: %w", ctx.Err())
+	}
+	sum := h.summary()
+	if !o.quick {
+		if err := h.writeReport(sum); err != nil {
+			return sum, err
+		}
+		h.progress("wrote %s", o.out)
+	}
+	return sum, nil
+}
+
+// repoRoot finds the module root, so the harness works from the repository root (go run) and
+// from bench/ (go test).
+func repoRoot() string {
+	dir, _ := os.Getwd()
+	for d := dir; d != "/"; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return d
+		}
+	}
+	return dir
+}
+
+func firstLines(s string, n int) string {
+	l := strings.Split(strings.TrimSpace(s), "\n")
+	if len(l) > n {
+		l = l[:n]
+	}
+	return strings.Join(l, " | ")
+}
+
+type workload struct {
+	mode    string // tcp or udp
+	clients int
+	profile bool
+}
+
+type step struct {
+	cfg       config
+	workloads []workload
+}
+
+func sluiceCfg(name string, queues int, mode string, offload bool, pol int) config {
+	return config{Name: name, kind: kSluice, Queues: queues, Mode: mode, Offload: offload, Policies: pol}
+}
+
+func (h *harness) plan() []step {
+	o := h.o
+	tcp := func(cs ...int) []workload {
+		var w []workload
+		for _, c := range cs {
+			w = append(w, workload{mode: "tcp", clients: c})
+		}
+		return w
+	}
+	var s []step
+	if o.quick {
+		s = []step{
+			{config{Name: "no-filter", kind: kNoFilter}, tcp(o.clients...)},
+			{config{Name: "bare-nfqueue", kind: kBare, Queues: 1, Mode: "new-only"}, tcp(o.clients...)},
+		}
+		if h.sluice != "" {
+			s = append(s,
+				step{sluiceCfg("sluice", 1, "new-only", false, o.base), tcp(o.clients...)},
+				step{sluiceCfg("sluice+offload", 1, "new-only", true, o.base), tcp(o.clients...)})
+		}
+		return s
+	}
+	top := slices.Max(o.clients)
+	s = []step{
+		{config{Name: "no-filter", kind: kNoFilter}, tcp(o.clients...)},
+		{config{Name: "conntrack", kind: kConntrack}, tcp(o.clients...)},
+		{config{Name: "bare-nfqueue", kind: kBare, Queues: 1, Mode: "new-only"}, tcp(o.clients...)},
+		{config{Name: "iptables-policies", kind: kIptables, Policies: o.base}, tcp(o.clients...)},
+	}
+	if h.sluice != "" {
+		w := tcp(o.clients...)
+		w[len(w)-1].profile = o.pprof
+		s = append(s,
+			step{sluiceCfg("sluice", 1, "new-only", false, o.base), w},
+			step{sluiceCfg("sluice+offload", 1, "new-only", true, o.base), tcp(o.clients...)},
+			step{sluiceCfg("sluice queue-all", 1, "queue-all", false, o.base), tcp(o.clients...)},
+			step{sluiceCfg("sluice 2 queues", 2, "new-only", false, o.base), tcp(top)},
+			step{sluiceCfg("sluice 4 queues", 4, "new-only", false, o.base), tcp(top)},
+		)
+	}
+	// UDP through the queue: every datagram is queued, so this is the per-packet cost.
+	udpW := []workload{{mode: "udp", clients: 8}}
+	for _, q := range []int{1, 2, 4} {
+		s = append(s, step{config{Name: fmt.Sprintf("bare-nfqueue queue-all %dq", q), kind: kBare, Queues: q, Mode: "queue-all"}, udpW})
+	}
+	if h.sluice != "" {
+		for _, q := range []int{1, 2, 4} {
+			s = append(s, step{sluiceCfg(fmt.Sprintf("sluice queue-all %dq", q), q, "queue-all", false, o.base), udpW})
+		}
+	}
+	// Scaling with the number of policies, at a middle client count.
+	mid := o.clients[len(o.clients)/2]
+	for _, n := range o.policies {
+		if n == o.base {
+			continue // measured above with every client count
+		}
+		s = append(s, step{config{Name: "iptables-policies", kind: kIptables, Policies: n}, tcp(mid)})
+		if h.sluice != "" {
+			s = append(s,
+				step{sluiceCfg("sluice", 1, "new-only", false, n), tcp(mid)},
+				step{sluiceCfg("sluice+offload", 1, "new-only", true, n), tcp(mid)})
+		}
+	}
+	return s
+}
+
+// runResult is one measurement.
+type runResult struct {
+	Rate      float64 `json:"rate"` // new TCP connections/s, or UDP datagrams/s received
+	Sent      float64 `json:"sent_rate,omitempty"`
+	P50us     float64 `json:"p50_us,omitempty"`
+	P99us     float64 `json:"p99_us,omitempty"`
+	Errors    uint64  `json:"errors"`
+	ReaderCPU float64 `json:"reader_cpu_us_per_op"` // queue reader's user+sys CPU per connection/datagram
+	ReaderSys float64 `json:"reader_sys_us_per_op"`
+	Busy      float64 `json:"machine_busy"` // fraction of all CPUs busy during the run
+}
+
+type result struct {
+	Cfg     config      `json:"config"`
+	Mode    string      `json:"workload"`
+	Clients int         `json:"clients"`
+	Runs    []runResult `json:"runs"`
+	Failed  string      `json:"failed,omitempty"`
+}
+
+func (h *harness) step(ctx context.Context, st step) {
+	h.progress("=== %s: starting", st.cfg.label())
+	a, err := h.start(ctx, st.cfg)
+	if err != nil {
+		h.note("%s could not start: %v", st.cfg.label(), err)
+		for _, w := range st.workloads {
+			h.results = append(h.results, &result{Cfg: st.cfg, Mode: w.mode, Clients: w.clients, Failed: err.Error()})
+			h.done += h.o.runs
+		}
+		return
+	}
+	defer h.stop(a)
+	for _, w := range st.workloads {
+		res := &result{Cfg: st.cfg, Mode: w.mode, Clients: w.clients}
+		h.results = append(h.results, res)
+		for r := 0; r < h.o.runs && ctx.Err() == nil; r++ {
+			var prof chan string
+			if w.profile && r == 0 && a.metrics != "" {
+				prof = h.captureProfile(a)
+			}
+			rr, err := h.measure(ctx, a, w)
+			if prof != nil {
+				if top := <-prof; top != "" {
+					h.profileTop, h.profileOf = top, fmt.Sprintf("%s, %s, %d clients", st.cfg.label(), w.mode, w.clients)
+				}
+			}
+			h.done++
+			if err != nil {
+				res.Failed = err.Error()
+				h.note("%s %s clients=%d run %d: %v", st.cfg.label(), w.mode, w.clients, r+1, err)
+				break
+			}
+			res.Runs = append(res.Runs, rr)
+			unit := "conn/s"
+			if w.mode == "udp" {
+				unit = "dgram/s"
+			}
+			h.progress("[%d/%d] %-28s %s clients=%-2d run %d/%d: %8.0f %s  p50 %6.0fµs p99 %7.0fµs  reader %5.1f µs/op  errors %d",
+				h.done, h.planned, st.cfg.label(), w.mode, w.clients, r+1, h.o.runs, rr.Rate, unit, rr.P50us, rr.P99us, rr.ReaderCPU, rr.Errors)
+		}
+	}
+	if a.metrics != "" {
+		if hs, err := h.scrapeHist(a); err != nil {
+			h.progress("agent metrics for %s: %v", st.cfg.label(), err)
+		} else {
+			h.agentHist[st.cfg.label()] = hs
+		}
+	}
+}
+
+func (h *harness) measure(ctx context.Context, a *active, w workload) (runResult, error) {
+	var rr runResult
+	h.lab.NodeCommand("conntrack", "-F").Run()
+	if a.exited != nil {
+		select {
+		case err := <-a.exited:
+			a.exited <- err
+			return rr, fmt.Errorf("queue reader exited (%v); last log lines:\n%s", err, tail(a.logPath, 10))
+		default:
+		}
+	}
+	addr := fmt.Sprintf("%s:%d", serverIP, tcpPort)
+	if w.mode == "udp" {
+		addr = fmt.Sprintf("%s:%d", serverIP, udpPort)
+	}
+	rctx, cancel := context.WithTimeout(ctx, h.o.duration+20*time.Second)
+	defer cancel()
+	cmd := h.client.Command(h.self, roleArg, "load", "-mode", w.mode, "-addr", addr,
+		"-clients", strconv.Itoa(w.clients), "-duration", h.o.duration.String())
+	cmd = exec.CommandContext(rctx, cmd.Path, cmd.Args[1:]...)
+	cmd.Stderr = h.log
+	before, err := h.srv.counts()
+	if err != nil {
+		return rr, err
+	}
+	u0, s0 := procCPU(a.pid())
+	b0, t0 := machineBusy()
+	out, err := cmd.Output()
+	if err != nil {
+		return rr, fmt.Errorf("load generator: %w", err)
+	}
+	if w.mode == "udp" {
+		time.Sleep(100 * time.Millisecond) // let queued datagrams drain into the server's count
+	}
+	u1, s1 := procCPU(a.pid())
+	b1, t1 := machineBusy()
+	after, err := h.srv.counts()
+	if err != nil {
+		return rr, err
+	}
+	var lr loadResult
+	if err := json.Unmarshal(out, &lr); err != nil {
+		return rr, fmt.Errorf("load generator output %q: %w", out, err)
+	}
+	if lr.Elapsed <= 0 {
+		return rr, errors.New("load generator reported no elapsed time")
+	}
+	rr.Errors, rr.P50us, rr.P99us = lr.Errors, lr.P50us, lr.P99us
+	ops := float64(lr.Done)
+	if w.mode == "udp" {
+		ops = float64(after.UDP - before.UDP)
+		rr.Sent = float64(lr.Done) / lr.Elapsed
+	}
+	rr.Rate = ops / lr.Elapsed
+	if ops > 0 {
+		rr.ReaderCPU = (u1 - u0 + s1 - s0) / ops * 1e6
+		rr.ReaderSys = (s1 - s0) / ops * 1e6
+	}
+	if t1 > t0 {
+		rr.Busy = (b1 - b0) / (t1 - t0)
+	}
+	if lr.FirstErr != "" && lr.Errors > 0 {
+		h.progress("  load errors: %d (first: %s)", lr.Errors, lr.FirstErr)
+	}
+	return rr, nil
+}

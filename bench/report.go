@@ -1,0 +1,521 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/plotutil"
+	"gonum.org/v1/plot/vg"
+)
+
+// summary is the JSON line: the headline ratios first, then the figures they come from.
+type summary struct {
+	SluiceVsBare        *float64           `json:"sluice_vs_bare_nfqueue"`
+	SluiceVsNoFilter    *float64           `json:"sluice_vs_no_filter"`
+	OffloadVsBare       *float64           `json:"sluice_offload_vs_bare_nfqueue"`
+	OffloadVsNoFilter   *float64           `json:"sluice_offload_vs_no_filter"`
+	Clients             int                `json:"clients"`
+	ConnPerS            map[string]float64 `json:"conn_per_s"`
+	AgentDecisionP99us  *float64           `json:"agent_decision_p99_us,omitempty"`
+	Runs                int                `json:"runs"`
+	DurationS           float64            `json:"duration_s"`
+	ElapsedS            float64            `json:"elapsed_s"`
+	Notes               []string           `json:"notes,omitempty"`
+	SluiceNotMeasuredBy string             `json:"sluice_missing,omitempty"`
+}
+
+type stat struct{ med, lo, hi float64 }
+
+func statOf(xs []float64) stat {
+	if len(xs) == 0 {
+		return stat{}
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	m := s[len(s)/2]
+	if len(s)%2 == 0 {
+		m = (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	return stat{m, s[0], s[len(s)-1]}
+}
+
+func (r *result) stat(f func(runResult) float64) stat {
+	var xs []float64
+	for _, x := range r.Runs {
+		xs = append(xs, f(x))
+	}
+	return statOf(xs)
+}
+
+func rate(r runResult) float64 { return r.Rate }
+
+func (h *harness) find(name, mode string, clients, policies int) *result {
+	for _, r := range h.results {
+		if r.Cfg.Name == name && r.Mode == mode && r.Clients == clients && len(r.Runs) > 0 &&
+			(policies == 0 || r.Cfg.Policies == policies) {
+			return r
+		}
+	}
+	return nil
+}
+
+func ratio(a, b *result) *float64 {
+	if a == nil || b == nil {
+		return nil
+	}
+	x, y := a.stat(rate).med, b.stat(rate).med
+	if y == 0 {
+		return nil
+	}
+	v := math.Round(x/y*1000) / 1000
+	return &v
+}
+
+func (h *harness) headlineClients() int { return h.o.clients[len(h.o.clients)/2] }
+
+func (h *harness) summary() *summary {
+	c := h.headlineClients()
+	nf := h.find("no-filter", "tcp", c, 0)
+	bare := h.find("bare-nfqueue", "tcp", c, 0)
+	sl := h.find("sluice", "tcp", c, h.o.base)
+	off := h.find("sluice+offload", "tcp", c, h.o.base)
+	s := &summary{
+		SluiceVsBare: ratio(sl, bare), SluiceVsNoFilter: ratio(sl, nf),
+		OffloadVsBare: ratio(off, bare), OffloadVsNoFilter: ratio(off, nf),
+		Clients: c, ConnPerS: map[string]float64{}, Runs: h.o.runs, DurationS: h.o.duration.Seconds(),
+		ElapsedS: math.Round(time.Since(h.started).Seconds()*10) / 10, Notes: h.notes,
+	}
+	for name, r := range map[string]*result{"no_filter": nf, "bare_nfqueue": bare, "sluice": sl, "sluice_offload": off} {
+		if r != nil {
+			s.ConnPerS[name] = math.Round(r.stat(rate).med)
+		}
+	}
+	if hs, ok := h.agentHist[sluiceCfg("sluice", 1, "new-only", false, h.o.base).label()]; ok && hs.Count > 0 {
+		v := math.Round(hs.P99us*10) / 10
+		s.AgentDecisionP99us = &v
+	}
+	if h.sluice == "" {
+		s.SluiceNotMeasuredBy = "sluice agent not available; see notes"
+	}
+	return s
+}
+
+// histSummary is the agent's own per-packet decision-latency histogram, read from /metrics.
+type histSummary struct {
+	Metric      string
+	Count       uint64
+	P50us       float64
+	P99us       float64
+	MeanUs      float64
+	OtherFamily []string
+}
+
+func (h *harness) scrapeHist(a *active) (histSummary, error) {
+	var hs histSummary
+	body, code, err := h.httpInNode("http://"+a.metrics+"/metrics", 5*time.Second)
+	if err != nil {
+		return hs, err
+	}
+	if code != 200 {
+		return hs, fmt.Errorf("GET /metrics: HTTP %d", code)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(bytes.NewReader(body))
+	if err != nil {
+		return hs, fmt.Errorf("parse /metrics: %w", err)
+	}
+	// The per-packet time is the histogram whose name speaks of decisions or verdicts; take
+	// the first such one in name order so the choice is stable.
+	var names []string
+	for n, f := range fams {
+		if f.GetType() == dto.MetricType_HISTOGRAM && strings.HasPrefix(n, "sluice") {
+			names = append(names, n)
+		}
+	}
+	sort.Strings(names)
+	var pick string
+	for _, key := range []string{"decision", "verdict", "packet", "latency", "duration"} {
+		for _, n := range names {
+			if strings.Contains(n, key) && pick == "" {
+				pick = n
+			}
+		}
+	}
+	if pick == "" {
+		return hs, fmt.Errorf("no sluice_* histogram in /metrics (histograms: %v)", names)
+	}
+	hs.Metric = pick
+	hs.OtherFamily = names
+	// Sum the buckets of every series (one per worker or verdict label).
+	bounds := map[float64]uint64{}
+	var count uint64
+	var sum float64
+	for _, m := range fams[pick].GetMetric() {
+		hg := m.GetHistogram()
+		count += hg.GetSampleCount()
+		sum += hg.GetSampleSum()
+		for _, b := range hg.GetBucket() {
+			bounds[b.GetUpperBound()] += b.GetCumulativeCount()
+		}
+	}
+	hs.Count = count
+	if count == 0 {
+		return hs, nil
+	}
+	hs.MeanUs = sum / float64(count) * 1e6
+	var ub []float64
+	for b := range bounds {
+		ub = append(ub, b)
+	}
+	sort.Float64s(ub)
+	q := func(p float64) float64 {
+		target := p * float64(count)
+		prevB, prevC := 0.0, 0.0
+		for _, b := range ub {
+			c := float64(bounds[b])
+			if c >= target {
+				if math.IsInf(b, 1) {
+					return prevB * 1e6
+				}
+				// Linear inside the bucket, as Prometheus's histogram_quantile does.
+				if c == prevC {
+					return b * 1e6
+				}
+				return (prevB + (b-prevB)*(target-prevC)/(c-prevC)) * 1e6
+			}
+			prevB, prevC = b, c
+		}
+		return prevB * 1e6
+	}
+	hs.P50us, hs.P99us = q(0.5), q(0.99)
+	return hs, nil
+}
+
+// captureProfile asks the agent for a CPU profile covering the next run; it answers with the
+// `go tool pprof -top` text, or "" when the agent has no profiling endpoint.
+func (h *harness) captureProfile(a *active) chan string {
+	ch := make(chan string, 1)
+	secs := max(1, int(h.o.duration.Seconds()))
+	go func() {
+		body, code, err := h.httpInNode(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", a.metrics, secs), time.Duration(secs+15)*time.Second)
+		if err != nil || code != 200 {
+			h.note("no CPU profile of the agent: GET /debug/pprof/profile on its metrics address gave HTTP %d, %v (expose net/http/pprof there to profile it)", code, err)
+			ch <- ""
+			return
+		}
+		f := filepath.Join(h.tmp, "agent.pprof")
+		os.WriteFile(f, body, 0o644)
+		if dir := filepath.Dir(h.o.out); !h.o.quick {
+			os.WriteFile(filepath.Join(dir, "agent-cpu.pprof"), body, 0o644)
+		}
+		out, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=25", h.sluice, f).CombinedOutput()
+		if err != nil {
+			h.note("go tool pprof failed: %v", err)
+			ch <- ""
+			return
+		}
+		ch <- string(out)
+	}()
+	return ch
+}
+
+type machineInfo struct {
+	CPUs    int
+	Kernel  string
+	CPU     string
+	Go      string
+	Commit  string
+	Started time.Time
+}
+
+func describeMachine() machineInfo {
+	m := machineInfo{CPUs: runtime.NumCPU(), Go: runtime.Version(), Started: time.Now().UTC()}
+	if out, err := exec.Command("uname", "-sr").Output(); err == nil {
+		m.Kernel = strings.TrimSpace(string(out))
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "model name") {
+				if i := strings.IndexByte(l, ':'); i > 0 {
+					m.CPU = strings.TrimSpace(l[i+1:])
+				}
+				break
+			}
+		}
+	}
+	if out, err := exec.Command("git", "-C", repoRoot(), "rev-parse", "--short", "HEAD").Output(); err == nil {
+		m.Commit = strings.TrimSpace(string(out))
+	}
+	return m
+}
+
+func fmtStat(s stat, unit string) string {
+	if s.med == 0 && s.hi == 0 {
+		return "—"
+	}
+	return fmt.Sprintf("%.0f%s (%.0f–%.0f)", s.med, unit, s.lo, s.hi)
+}
+
+func fmtRatio(p *float64) string {
+	if p == nil {
+		return "n/a"
+	}
+	return fmt.Sprintf("%.2f", *p)
+}
+
+func verdictMark(p *float64, target float64) string {
+	if p == nil {
+		return "not measured"
+	}
+	if *p >= target {
+		return "met"
+	}
+	return "**not met**"
+}
+
+func (h *harness) writeReport(s *summary) error {
+	dir := filepath.Dir(h.o.out)
+	var b strings.Builder
+	m := h.machine
+	cmdline := "go run ./bench " + strings.Join(os.Args[1:], " ")
+	fmt.Fprintf(&b, "# sluice benchmark results\n\n")
+	fmt.Fprintf(&b, "Generated by `make bench` (`%s`) on %s, commit %s. Rewritten by every full run; do not edit by hand (the analysis comes from `bench/ANALYSIS.md`).\n\n",
+		strings.TrimSpace(cmdline), m.Started.Format("2006-01-02 15:04 UTC"), m.Commit)
+	fmt.Fprintf(&b, "**Machine:** %d CPUs (`nproc`), %s, kernel %s, %s. Every process (load generator, server, queue reader or agent, the kernel's forwarding) shares these CPUs.\n\n", m.CPUs, m.CPU, m.Kernel, m.Go)
+	fmt.Fprintf(&b, "**Method:** a netlab lab (node namespace routing between a client pod and a server pod over veths). Each measurement runs %d times for %s; tables show the median and (min–max). New TCP connections: N client threads in the client pod connect and close with RST (SO_LINGER 0); conntrack is flushed before each run. Latency is connect() time (SYN to SYN-ACK) measured by the client. *Reader CPU* is the user+system CPU of the queue reader (bare loop or agent) per connection or datagram, from /proc. Whole run: %.0f s.\n\n",
+		h.o.runs, h.o.duration, s.ElapsedS)
+
+	c := s.Clients
+	fmt.Fprintf(&b, "## Targets (new TCP connections/s at %d clients, %d policies)\n\n", c, h.o.base)
+	fmt.Fprintf(&b, "| target | measured | |\n|---|---|---|\n")
+	fmt.Fprintf(&b, "| sluice ≥ 0.95 × bare NFQUEUE loop | %s | %s |\n", fmtRatio(s.SluiceVsBare), verdictMark(s.SluiceVsBare, 0.95))
+	fmt.Fprintf(&b, "| sluice ≥ 0.85 × no filter | %s | %s |\n", fmtRatio(s.SluiceVsNoFilter), verdictMark(s.SluiceVsNoFilter, 0.85))
+	fmt.Fprintf(&b, "| sluice --offload ≥ 0.95 × bare NFQUEUE loop | %s | %s |\n", fmtRatio(s.OffloadVsBare), verdictMark(s.OffloadVsBare, 0.95))
+	fmt.Fprintf(&b, "| sluice --offload ≥ 0.85 × no filter | %s | %s |\n", fmtRatio(s.OffloadVsNoFilter), verdictMark(s.OffloadVsNoFilter, 0.85))
+	if s.AgentDecisionP99us != nil {
+		v := *s.AgentDecisionP99us
+		mark := "met"
+		if v > 15 {
+			mark = "**not met**"
+		}
+		fmt.Fprintf(&b, "| per-packet user-space p99 ≤ 15 µs | %.1f µs | %s |\n", v, mark)
+	} else {
+		fmt.Fprintf(&b, "| per-packet user-space p99 ≤ 15 µs | n/a | not measured (no histogram scraped) |\n")
+	}
+	q1 := h.find("sluice queue-all 1q", "udp", 8, 0)
+	q2 := h.find("sluice queue-all 2q", "udp", 8, 0)
+	r := ratio(q2, q1)
+	fmt.Fprintf(&b, "| UDP queue-all: 2 queues ≥ 1.7 × 1 queue | %s | %s |\n\n", fmtRatio(r), verdictMark(r, 1.7))
+
+	fmt.Fprintf(&b, "## New TCP connections per second vs concurrent clients (%d policies)\n\n", h.o.base)
+	fmt.Fprintf(&b, "![rate vs clients](rate_vs_clients.png)\n\n")
+	fmt.Fprintf(&b, "| configuration | clients | conn/s median (min–max) | vs no filter | connect p50 µs | connect p99 µs | reader CPU µs/conn | machine busy | errors |\n|---|---|---|---|---|---|---|---|---|\n")
+	for _, res := range h.results {
+		if res.Mode != "tcp" || (res.Cfg.Policies != 0 && res.Cfg.Policies != h.o.base) {
+			continue
+		}
+		h.row(&b, res)
+	}
+	fmt.Fprintf(&b, "\n## UDP datagrams per second through the queue (queue-all: every datagram is queued; 8 client flows)\n\n")
+	fmt.Fprintf(&b, "| configuration | received dgram/s median (min–max) | sent dgram/s | reader CPU µs/dgram | machine busy |\n|---|---|---|---|---|\n")
+	for _, res := range h.results {
+		if res.Mode != "udp" {
+			continue
+		}
+		if res.Failed != "" && len(res.Runs) == 0 {
+			fmt.Fprintf(&b, "| %s | failed: %s | | | |\n", res.Cfg.label(), oneLine(res.Failed))
+			continue
+		}
+		fmt.Fprintf(&b, "| %s | %s | %.0f | %.2f | %.0f%% |\n", res.Cfg.label(), fmtStat(res.stat(rate), ""),
+			res.stat(func(r runResult) float64 { return r.Sent }).med, res.stat(func(r runResult) float64 { return r.ReaderCPU }).med,
+			100*res.stat(func(r runResult) float64 { return r.Busy }).med)
+	}
+	mid := h.headlineClients()
+	fmt.Fprintf(&b, "\n## Scaling with the number of policies (%d clients)\n\n", mid)
+	fmt.Fprintf(&b, "![latency vs policies](latency_vs_policies.png)\n\n")
+	fmt.Fprintf(&b, "| configuration | policies | conn/s median (min–max) | connect p50 µs | connect p99 µs | reader CPU µs/conn |\n|---|---|---|---|---|---|\n")
+	for _, name := range []string{"iptables-policies", "sluice", "sluice+offload"} {
+		for _, n := range h.o.policies {
+			res := h.find(name, "tcp", mid, n)
+			if res == nil {
+				continue
+			}
+			fmt.Fprintf(&b, "| %s | %d | %s | %.0f | %.0f | %.1f |\n", name, n, fmtStat(res.stat(rate), ""),
+				res.stat(func(r runResult) float64 { return r.P50us }).med, res.stat(func(r runResult) float64 { return r.P99us }).med,
+				res.stat(func(r runResult) float64 { return r.ReaderCPU }).med)
+		}
+	}
+	fmt.Fprintf(&b, "\n`iptables-policies` writes the same NetworkPolicies as plain iptables rules: a linear dispatch on the destination address into one chain per isolated pod (the server's jump sits in the middle of the list), ESTABLISHED accepted first.\n")
+
+	fmt.Fprintf(&b, "\n## Agent's own per-packet decision time (its histogram, scraped from /metrics)\n\n")
+	if len(h.agentHist) == 0 {
+		fmt.Fprintf(&b, "Not available in this run (no agent, or no `sluice_*` histogram in its metrics).\n")
+	} else {
+		fmt.Fprintf(&b, "| configuration | metric | samples | mean µs | p50 µs | p99 µs |\n|---|---|---|---|---|---|\n")
+		var keys []string
+		for k := range h.agentHist {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			hs := h.agentHist[k]
+			fmt.Fprintf(&b, "| %s | `%s` | %d | %.1f | %.1f | %.1f |\n", k, hs.Metric, hs.Count, hs.MeanUs, hs.P50us, hs.P99us)
+		}
+		fmt.Fprintf(&b, "\nQuantiles are interpolated inside histogram buckets, as Prometheus's `histogram_quantile` does.\n")
+	}
+	if len(h.microRes) > 0 {
+		fmt.Fprintf(&b, "\n## Micro benchmarks (in-process, `testing.Benchmark`, clustergen cluster, benchtime %s)\n\n", h.o.benchtime)
+		fmt.Fprintf(&b, "| benchmark | ns/op | allocs/op | B/op | iterations |\n|---|---|---|---|---|\n")
+		for _, r := range h.microRes {
+			fmt.Fprintf(&b, "| %s | %.1f | %d | %d | %d |\n", r.Name, r.NsPerOp, r.AllocsOp, r.BytesOp, r.N)
+		}
+	}
+	if h.profileTop != "" {
+		fmt.Fprintf(&b, "\n## Agent CPU profile (%s; raw profile: `agent-cpu.pprof`)\n\n```\n%s```\n", h.profileOf, trimProfile(h.profileTop))
+	}
+	if an, err := os.ReadFile(filepath.Join(dir, "ANALYSIS.md")); err == nil {
+		fmt.Fprintf(&b, "\n%s\n", strings.TrimSpace(string(an)))
+	}
+	if len(h.notes) > 0 {
+		fmt.Fprintf(&b, "\n## Notes from this run\n\n")
+		for _, n := range h.notes {
+			fmt.Fprintf(&b, "- %s\n", oneLine(n))
+		}
+	}
+	if err := h.plots(dir); err != nil {
+		h.note("plots: %v", err)
+	}
+	return os.WriteFile(h.o.out, []byte(b.String()), 0o644)
+}
+
+func trimProfile(s string) string {
+	var keep []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.HasPrefix(l, "File:") || strings.HasPrefix(l, "Build ID:") || strings.HasPrefix(l, "Time:") {
+			continue
+		}
+		keep = append(keep, l)
+	}
+	return strings.Join(keep, "\n")
+}
+
+func oneLine(s string) string {
+	s = strings.ReplaceAll(s, "\n", " | ")
+	if len(s) > 400 {
+		s = s[:400] + "…"
+	}
+	return s
+}
+
+func (h *harness) row(b *strings.Builder, res *result) {
+	if len(res.Runs) == 0 {
+		fmt.Fprintf(b, "| %s | %d | failed: %s | | | | | | |\n", res.Cfg.label(), res.Clients, oneLine(res.Failed))
+		return
+	}
+	vs := "—"
+	if nf := h.find("no-filter", "tcp", res.Clients, 0); nf != nil {
+		vs = fmtRatio(ratio(res, nf))
+	}
+	var errs uint64
+	for _, r := range res.Runs {
+		errs += r.Errors
+	}
+	fmt.Fprintf(b, "| %s | %d | %s | %s | %.0f | %.0f | %.1f | %.0f%% | %d |\n", res.Cfg.label(), res.Clients, fmtStat(res.stat(rate), ""), vs,
+		res.stat(func(r runResult) float64 { return r.P50us }).med, res.stat(func(r runResult) float64 { return r.P99us }).med,
+		res.stat(func(r runResult) float64 { return r.ReaderCPU }).med, 100*res.stat(func(r runResult) float64 { return r.Busy }).med, errs)
+}
+
+func (h *harness) plots(dir string) error {
+	// Rate vs clients, one line per configuration.
+	p := plot.New()
+	p.Title.Text = fmt.Sprintf("New TCP connections/s vs clients (%d policies, median of %d)", h.o.base, h.o.runs)
+	p.X.Label.Text = "concurrent clients"
+	p.Y.Label.Text = "connections/s"
+	p.Legend.Top = true
+	p.Legend.Left = true
+	var lines []any
+	seen := map[string]bool{}
+	for _, res := range h.results {
+		name := res.Cfg.Name
+		if res.Mode != "tcp" || seen[name] || (res.Cfg.Policies != 0 && res.Cfg.Policies != h.o.base) {
+			continue
+		}
+		var xys plotter.XYs
+		for _, c := range h.o.clients {
+			if r := h.find(name, "tcp", c, res.Cfg.Policies); r != nil {
+				xys = append(xys, plotter.XY{X: float64(c), Y: r.stat(rate).med})
+			}
+		}
+		if len(xys) < 2 {
+			continue
+		}
+		seen[name] = true
+		lines = append(lines, name, xys)
+	}
+	if len(lines) > 0 {
+		if err := plotutil.AddLinePoints(p, lines...); err != nil {
+			return err
+		}
+		p.X.Scale = plot.LogScale{}
+		p.X.Tick.Marker = clientTicks(h.o.clients)
+		if err := p.Save(8*vg.Inch, 5*vg.Inch, filepath.Join(dir, "rate_vs_clients.png")); err != nil {
+			return err
+		}
+	}
+
+	// Connection setup latency vs policy count.
+	p = plot.New()
+	p.Title.Text = fmt.Sprintf("Connection setup latency vs policies (%d clients)", h.headlineClients())
+	p.X.Label.Text = "NetworkPolicies"
+	p.Y.Label.Text = "connect() µs"
+	p.Legend.Top = true
+	p.Legend.Left = true
+	lines = nil
+	for _, name := range []string{"iptables-policies", "sluice", "sluice+offload"} {
+		var p50, p99 plotter.XYs
+		for _, n := range h.o.policies {
+			if r := h.find(name, "tcp", h.headlineClients(), n); r != nil {
+				p50 = append(p50, plotter.XY{X: float64(n), Y: r.stat(func(r runResult) float64 { return r.P50us }).med})
+				p99 = append(p99, plotter.XY{X: float64(n), Y: r.stat(func(r runResult) float64 { return r.P99us }).med})
+			}
+		}
+		if len(p50) >= 2 {
+			lines = append(lines, name+" p50", p50, name+" p99", p99)
+		}
+	}
+	if len(lines) > 0 {
+		if err := plotutil.AddLinePoints(p, lines...); err != nil {
+			return err
+		}
+		p.X.Scale = plot.LogScale{}
+		p.X.Tick.Marker = plot.LogTicks{Prec: -1}
+		if err := p.Save(8*vg.Inch, 5*vg.Inch, filepath.Join(dir, "latency_vs_policies.png")); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+type clientTicks []int
+
+func (c clientTicks) Ticks(min, max float64) []plot.Tick {
+	var t []plot.Tick
+	for _, v := range c {
+		t = append(t, plot.Tick{Value: float64(v), Label: fmt.Sprint(v)})
+	}
+	return t
+}
