@@ -225,11 +225,16 @@ func run(ctx context.Context, o options, log io.Writer) (*summary, error) {
 	for _, st := range plan {
 		h.planned += len(st.workloads) * o.runs
 	}
-	for _, st := range plan {
-		if ctx.Err() != nil {
-			break
+	// Rounds are the outer loop: every configuration is measured once per round, so a slow
+	// drift in the machine's background load (it is shared) spreads over all of them instead of
+	// landing on whichever configuration happened to run at that moment.
+	for round := 0; round < o.runs && ctx.Err() == nil; round++ {
+		for _, st := range plan {
+			if ctx.Err() != nil {
+				break
+			}
+			h.step(ctx, st, round)
 		}
-		h.step(ctx, st)
 	}
 	if ctx.Err() != nil {
 		return h.summary(), fmt.Errorf("interrupted: %w", ctx.Err())
@@ -365,46 +370,57 @@ type result struct {
 	Failed  string      `json:"failed,omitempty"`
 }
 
-func (h *harness) step(ctx context.Context, st step) {
-	h.progress("=== %s: starting", st.cfg.label())
+func (h *harness) resultFor(c config, w workload) *result {
+	for _, r := range h.results {
+		if r.Cfg == c && r.Mode == w.mode && r.Clients == w.clients {
+			return r
+		}
+	}
+	r := &result{Cfg: c, Mode: w.mode, Clients: w.clients}
+	h.results = append(h.results, r)
+	return r
+}
+
+func (h *harness) step(ctx context.Context, st step, round int) {
+	h.progress("=== %s (round %d/%d): starting", st.cfg.label(), round+1, h.o.runs)
 	a, err := h.start(ctx, st.cfg)
 	if err != nil {
-		h.note("%s could not start: %v", st.cfg.label(), err)
+		h.note("%s could not start (round %d): %v", st.cfg.label(), round+1, err)
 		for _, w := range st.workloads {
-			h.results = append(h.results, &result{Cfg: st.cfg, Mode: w.mode, Clients: w.clients, Failed: err.Error()})
-			h.done += h.o.runs
+			h.resultFor(st.cfg, w).Failed = err.Error()
+			h.done++
 		}
 		return
 	}
 	defer h.stop(a)
 	for _, w := range st.workloads {
-		res := &result{Cfg: st.cfg, Mode: w.mode, Clients: w.clients}
-		h.results = append(h.results, res)
-		for r := 0; r < h.o.runs && ctx.Err() == nil; r++ {
-			var prof chan string
-			if w.profile && r == 0 && a.metrics != "" {
-				prof = h.captureProfile(a)
-			}
-			rr, err := h.measure(ctx, a, w)
-			if prof != nil {
-				if top := <-prof; top != "" {
-					h.profileTop, h.profileOf = top, fmt.Sprintf("%s, %s, %d clients", st.cfg.label(), w.mode, w.clients)
-				}
-			}
-			h.done++
-			if err != nil {
-				res.Failed = err.Error()
-				h.note("%s %s clients=%d run %d: %v", st.cfg.label(), w.mode, w.clients, r+1, err)
-				break
-			}
-			res.Runs = append(res.Runs, rr)
-			unit := "conn/s"
-			if w.mode == "udp" {
-				unit = "dgram/s"
-			}
-			h.progress("[%d/%d] %-28s %s clients=%-2d run %d/%d: %8.0f %s  p50 %6.0fµs p99 %7.0fµs  reader %5.1f µs/op  errors %d",
-				h.done, h.planned, st.cfg.label(), w.mode, w.clients, r+1, h.o.runs, rr.Rate, unit, rr.P50us, rr.P99us, rr.ReaderCPU, rr.Errors)
+		if ctx.Err() != nil {
+			return
 		}
+		res := h.resultFor(st.cfg, w)
+		var prof chan string
+		if w.profile && round == 0 && a.metrics != "" {
+			prof = h.captureProfile(a)
+		}
+		rr, err := h.measure(ctx, a, w)
+		if prof != nil {
+			if top := <-prof; top != "" {
+				h.profileTop, h.profileOf = top, fmt.Sprintf("%s, %s, %d clients", st.cfg.label(), w.mode, w.clients)
+			}
+		}
+		h.done++
+		if err != nil {
+			res.Failed = err.Error()
+			h.note("%s %s clients=%d round %d: %v", st.cfg.label(), w.mode, w.clients, round+1, err)
+			continue
+		}
+		res.Runs = append(res.Runs, rr)
+		unit := "conn/s"
+		if w.mode == "udp" {
+			unit = "dgram/s"
+		}
+		h.progress("[%d/%d] %-30s %s clients=%-2d round %d/%d: %8.0f %s  p50 %6.0fµs p99 %7.0fµs  reader %5.1f µs/op (sys %5.1f)  errors %d",
+			h.done, h.planned, st.cfg.label(), w.mode, w.clients, round+1, h.o.runs, rr.Rate, unit, rr.P50us, rr.P99us, rr.ReaderCPU, rr.ReaderSys, rr.Errors)
 	}
 	if a.metrics != "" {
 		if hs, err := h.scrapeHist(a); err != nil {
@@ -432,9 +448,15 @@ func (h *harness) measure(ctx context.Context, a *active, w workload) (runResult
 	}
 	rctx, cancel := context.WithTimeout(ctx, h.o.duration+20*time.Second)
 	defer cancel()
-	cmd := h.client.Command(h.self, roleArg, "load", "-mode", w.mode, "-addr", addr,
+	args := []string{"netns", "exec", h.client.Netns}
+	if w.mode == "udp" {
+		// Senders that never block would otherwise take the CPUs from the queue reader they
+		// are measuring; at a low priority they only use what the reader leaves.
+		args = append(args, "nice", "-n", "15")
+	}
+	args = append(args, h.self, roleArg, "load", "-mode", w.mode, "-addr", addr,
 		"-clients", strconv.Itoa(w.clients), "-duration", h.o.duration.String())
-	cmd = exec.CommandContext(rctx, cmd.Path, cmd.Args[1:]...)
+	cmd := exec.CommandContext(rctx, "ip", args...)
 	cmd.Stderr = h.log
 	before, err := h.srv.counts()
 	if err != nil {
