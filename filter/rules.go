@@ -1,0 +1,513 @@
+package filter
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+)
+
+// The kernel side of the dataplane: a few iptables chains of our own that send the packets
+// sluice must judge to NFQUEUE, written with iptables-restore --noflush so every change is one
+// atomic commit per address family and nothing outside our chains and our jumps is touched.
+//
+//	FORWARD -> SLUICE-FORWARD   pod<->pod through the node, pod<->outside
+//	INPUT   -> SLUICE-INPUT     local pod -> the node's own addresses
+//	OUTPUT  -> SLUICE-OUTPUT    node -> local pod (only judged with JudgeNode)
+//	each    -> SLUICE-QUEUE     ND exempt, [not NEW: RETURN], [offload sets], NFQUEUE
+//
+// "Local pod" is membership in the ipsets sluice-local4 / sluice-local6, so a pod coming or going
+// is one atomic set swap, not a rule rewrite. Native nftables `queue` is not used because kernels
+// without CONFIG_NFT_QUEUE (this project's machines) lack it; the xt NFQUEUE target works through
+// both iptables-nft and iptables-legacy.
+
+const (
+	ChainForward = "SLUICE-FORWARD"
+	ChainInput   = "SLUICE-INPUT"
+	ChainOutput  = "SLUICE-OUTPUT"
+	ChainQueue   = "SLUICE-QUEUE"
+
+	LocalSet4 = "sluice-local4"
+	LocalSet6 = "sluice-local6"
+
+	// chainPrefix and setPrefix mark everything sluice owns; CleanupRules removes exactly that.
+	chainPrefix = "SLUICE-"
+	setPrefix   = "sluice-"
+
+	BackendNFT    = "iptables-nft"
+	BackendLegacy = "iptables-legacy"
+)
+
+// lockFile serialises rule changes of concurrent sluice processes (a double start), so two
+// installs can't both see "no jump yet" and insert one each.
+const lockFile = "/run/sluice-rules.lock"
+
+// RuleConfig says what InstallRules puts in the kernel.
+type RuleConfig struct {
+	// QueueNum is the first NFQUEUE number; Queues (default 1) queues are used,
+	// QueueNum..QueueNum+Queues-1, spread by flow hash (--queue-balance) when more than one.
+	QueueNum uint16
+	Queues   int
+	// FailOpen adds --queue-bypass: with no program reading the queue, packets are accepted.
+	// Without it they are dropped (fail-closed).
+	FailOpen bool
+	// QueueAll queues every packet of flows touching local pods instead of only conntrack NEW.
+	QueueAll bool
+	// JudgeNode queues the node's own traffic to local pods (OUTPUT) too; by default it is
+	// accepted, as upstream intends for kubelet probes.
+	JudgeNode bool
+	// LocalPods are the addresses whose traffic is judged; UpdateLocalPods replaces them.
+	LocalPods []netip.Addr
+	// OffloadSets, when set, names hash:ip,port,ip sets (created by Offload) matched before the
+	// NFQUEUE rule: a hit in Allow* accepts, in Deny* drops, without a trip to user space.
+	// Empty names are skipped.
+	OffloadSets *OffloadSets
+	// Backend forces "iptables-nft" or "iptables-legacy"; empty detects (see DetectBackend).
+	Backend string
+	Log     *slog.Logger
+}
+
+// Rules is the installed rule set of one agent.
+type Rules struct {
+	cfg     RuleConfig
+	backend string
+	log     *slog.Logger
+
+	mu sync.Mutex
+}
+
+type family struct {
+	v6       bool
+	name     string // for messages
+	save     string
+	restore  string
+	localSet string
+}
+
+func families(backend string) []family {
+	suffix := "-nft"
+	if backend == BackendLegacy {
+		suffix = "-legacy"
+	}
+	return []family{
+		{false, "IPv4", "iptables" + suffix + "-save", "iptables" + suffix + "-restore", LocalSet4},
+		{true, "IPv6", "ip6tables" + suffix + "-save", "ip6tables" + suffix + "-restore", LocalSet6},
+	}
+}
+
+// DetectBackend chooses between iptables-nft and iptables-legacy for the current network
+// namespace. Rules of both kinds can coexist in the kernel but their order relative to each other
+// is not defined, so sluice follows whatever the node's other components (kube-proxy, the CNI)
+// already use: the backend holding more rules wins, nft on a tie (the default of current
+// distributions) when it works. Native nft `queue` is never used (see the package comment).
+func DetectBackend() (string, string, error) {
+	nftCount, nftErr := countRules(BackendNFT)
+	legacyCount, legacyErr := countRules(BackendLegacy)
+	switch {
+	case nftErr != nil && legacyErr != nil:
+		return "", "", fmt.Errorf("neither iptables-nft nor iptables-legacy works here (nft: %v; legacy: %v); install iptables (hack/deps.sh) and run as root", nftErr, legacyErr)
+	case nftErr != nil:
+		return BackendLegacy, fmt.Sprintf("iptables-nft unusable (%v)", nftErr), nil
+	case legacyErr != nil:
+		return BackendNFT, fmt.Sprintf("iptables-legacy unusable (%v)", legacyErr), nil
+	case legacyCount > nftCount:
+		return BackendLegacy, fmt.Sprintf("%d legacy rules vs %d nft rules already present", legacyCount, nftCount), nil
+	}
+	return BackendNFT, fmt.Sprintf("%d nft rules vs %d legacy rules already present; nft preferred on a tie", nftCount, legacyCount), nil
+}
+
+// countRules counts rules not ours in both families' filter, nat and mangle tables.
+func countRules(backend string) (int, error) {
+	n := 0
+	for _, fam := range families(backend) {
+		if _, err := exec.LookPath(fam.save); err != nil {
+			return 0, fmt.Errorf("%s not found", fam.save)
+		}
+		out, err := runCmd(nil, fam.save)
+		if err != nil {
+			return 0, err
+		}
+		for _, line := range strings.Split(out, "\n") {
+			if strings.HasPrefix(line, "-A ") && !strings.Contains(line, chainPrefix) {
+				n++
+			}
+		}
+	}
+	return n, nil
+}
+
+// InstallRules installs (or replaces) sluice's chains, jumps and local-pod sets in the current
+// network namespace. It is idempotent: chains left by a crash or a running twin are rewritten in
+// place and jumps are kept to exactly one each.
+func InstallRules(cfg RuleConfig) (*Rules, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.Queues <= 0 {
+		cfg.Queues = 1
+	}
+	if int(cfg.QueueNum)+cfg.Queues-1 > 65535 {
+		return nil, fmt.Errorf("rules: queues %d..%d exceed 65535; lower --queue-num or --queues", cfg.QueueNum, int(cfg.QueueNum)+cfg.Queues-1)
+	}
+	if _, err := exec.LookPath("ipset"); err != nil {
+		return nil, errors.New("rules: the ipset command is missing; install ipset (hack/deps.sh)")
+	}
+	backend, why := cfg.Backend, "forced by configuration"
+	switch backend {
+	case "":
+		var err error
+		backend, why, err = DetectBackend()
+		if err != nil {
+			return nil, fmt.Errorf("rules: %w", err)
+		}
+	case BackendNFT, BackendLegacy:
+	default:
+		return nil, fmt.Errorf("rules: unknown backend %q: use %s or %s", backend, BackendNFT, BackendLegacy)
+	}
+	unlock, err := lockRules()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+
+	r := &Rules{cfg: cfg, backend: backend, log: cfg.Log}
+	// The sets first: the rules refer to them by name and iptables refuses an unknown set.
+	if err := r.updateSets(cfg.LocalPods); err != nil {
+		return nil, err
+	}
+	for _, fam := range families(backend) {
+		if err := r.installFamily(fam); err != nil {
+			return nil, err
+		}
+	}
+	mode := "new-only"
+	if cfg.QueueAll {
+		mode = "queue-all"
+	}
+	cfg.Log.Info("kernel rules installed", "backend", backend, "why", why,
+		"queue_num", cfg.QueueNum, "queues", cfg.Queues, "fail_open", cfg.FailOpen,
+		"mode", mode, "judge_node", cfg.JudgeNode, "local_pods", len(cfg.LocalPods),
+		"offload", cfg.OffloadSets != nil)
+	return r, nil
+}
+
+// Backend names the iptables flavour in use: "iptables-nft" or "iptables-legacy".
+func (r *Rules) Backend() string { return r.backend }
+
+func (r *Rules) installFamily(fam family) error {
+	state, err := readState(fam)
+	if err != nil {
+		return err
+	}
+	var b strings.Builder
+	b.WriteString("*filter\n")
+	for _, c := range []string{ChainForward, ChainInput, ChainOutput, ChainQueue} {
+		// Under --noflush, declaring a chain creates it, or empties it when it exists.
+		fmt.Fprintf(&b, ":%s - [0:0]\n", c)
+	}
+	set := fam.localSet
+	fmt.Fprintf(&b, "-A %s -m set --match-set %s src -j %s\n", ChainForward, set, ChainQueue)
+	fmt.Fprintf(&b, "-A %s -m set --match-set %s dst -j %s\n", ChainForward, set, ChainQueue)
+	if r.cfg.QueueAll && !r.cfg.JudgeNode {
+		// Replies to the node's own connections: OUTPUT does not show those connections to
+		// the agent, so it could not recognise their replies as such.
+		fmt.Fprintf(&b, "-A %s -m conntrack --ctdir REPLY -j RETURN\n", ChainInput)
+	}
+	fmt.Fprintf(&b, "-A %s -m set --match-set %s src -j %s\n", ChainInput, set, ChainQueue)
+	if r.cfg.JudgeNode {
+		fmt.Fprintf(&b, "-A %s -m set --match-set %s dst -j %s\n", ChainOutput, set, ChainQueue)
+	}
+	if fam.v6 {
+		// Neighbour discovery and router messages keep the link alive; never judge them.
+		for _, t := range []string{"router-solicitation", "router-advertisement", "neighbour-solicitation", "neighbour-advertisement", "redirect"} {
+			fmt.Fprintf(&b, "-A %s -p ipv6-icmp -m icmp6 --icmpv6-type %s -j RETURN\n", ChainQueue, t)
+		}
+	}
+	if !r.cfg.QueueAll {
+		fmt.Fprintf(&b, "-A %s -m conntrack ! --ctstate NEW -j RETURN\n", ChainQueue)
+	}
+	if o := r.cfg.OffloadSets; o != nil {
+		allow, deny := o.Allow4, o.Deny4
+		if fam.v6 {
+			allow, deny = o.Allow6, o.Deny6
+		}
+		if allow != "" {
+			fmt.Fprintf(&b, "-A %s -m set --match-set %s src,dst,dst -j ACCEPT\n", ChainQueue, allow)
+		}
+		if deny != "" {
+			fmt.Fprintf(&b, "-A %s -m set --match-set %s src,dst,dst -j DROP\n", ChainQueue, deny)
+		}
+	}
+	fmt.Fprintf(&b, "-A %s -j NFQUEUE", ChainQueue)
+	if r.cfg.Queues > 1 {
+		fmt.Fprintf(&b, " --queue-balance %d:%d", r.cfg.QueueNum, int(r.cfg.QueueNum)+r.cfg.Queues-1)
+	} else {
+		fmt.Fprintf(&b, " --queue-num %d", r.cfg.QueueNum)
+	}
+	if r.cfg.FailOpen {
+		b.WriteString(" --queue-bypass")
+	}
+	b.WriteString("\n")
+	for _, j := range []struct{ from, to string }{{"FORWARD", ChainForward}, {"INPUT", ChainInput}, {"OUTPUT", ChainOutput}} {
+		n := state.jumps[j.from+" "+j.to]
+		if n == 0 {
+			fmt.Fprintf(&b, "-I %s 1 -j %s\n", j.from, j.to)
+		}
+		for ; n > 1; n-- {
+			fmt.Fprintf(&b, "-D %s -j %s\n", j.from, j.to)
+		}
+	}
+	b.WriteString("COMMIT\n")
+	if err := r.restore(fam, b.String()); err != nil {
+		return fmt.Errorf("rules: install %s rules with %s: %w", fam.name, fam.restore, err)
+	}
+	return nil
+}
+
+func (r *Rules) restore(fam family, script string) error {
+	return restoreWith(r.backend, fam, script)
+}
+
+func restoreWith(backend string, fam family, script string) error {
+	args := []string{"--noflush"}
+	if backend == BackendLegacy {
+		args = append(args, "-w", "5")
+	}
+	_, err := runCmd(strings.NewReader(script), fam.restore, args...)
+	if err != nil {
+		return fmt.Errorf("%w\nscript:\n%s", err, script)
+	}
+	return nil
+}
+
+// ruleState is what iptables-save shows of our chains and jumps in the filter table.
+type ruleState struct {
+	chains []string       // SLUICE-* chains present
+	jumps  map[string]int // "FORWARD SLUICE-FORWARD" -> how many such jump rules
+	jumpLs []string       // the jump rules as "-A FROM ... -j SLUICE-X" lines
+}
+
+func readState(fam family) (ruleState, error) {
+	st := ruleState{jumps: map[string]int{}}
+	out, err := runCmd(nil, fam.save, "-t", "filter")
+	if err != nil {
+		return st, fmt.Errorf("rules: read %s rules with %s: %w", fam.name, fam.save, err)
+	}
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case strings.HasPrefix(line, ":"+chainPrefix):
+			st.chains = append(st.chains, strings.Fields(line[1:])[0])
+		case strings.HasPrefix(line, "-A "):
+			f := strings.Fields(line)
+			if len(f) < 2 || strings.HasPrefix(f[1], chainPrefix) {
+				continue
+			}
+			for i := 2; i+1 < len(f); i++ {
+				if (f[i] == "-j" || f[i] == "-g") && strings.HasPrefix(f[i+1], chainPrefix) {
+					st.jumps[f[1]+" "+f[i+1]]++
+					st.jumpLs = append(st.jumpLs, line)
+				}
+			}
+		}
+	}
+	return st, nil
+}
+
+// UpdateLocalPods atomically replaces the set of local pod addresses (one swap per family), so
+// the rules judge exactly the new set from one packet to the next.
+func (r *Rules) UpdateLocalPods(ips []netip.Addr) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.updateSets(ips)
+}
+
+const setOpts = "hashsize 1024 maxelem 1048576"
+
+func (r *Rules) updateSets(ips []netip.Addr) error {
+	var b strings.Builder
+	n4, n6 := 0, 0
+	for _, s := range []struct {
+		name, fam string
+		v6        bool
+	}{{LocalSet4, "inet", false}, {LocalSet6, "inet6", true}} {
+		tmp := s.name + "-new"
+		// A -new set left by a crash is destroyed first (create would keep its old entries).
+		exec.Command("ipset", "destroy", tmp).Run()
+		fmt.Fprintf(&b, "create %s hash:ip family %s %s -exist\n", s.name, s.fam, setOpts)
+		fmt.Fprintf(&b, "create %s hash:ip family %s %s\n", tmp, s.fam, setOpts)
+		for _, ip := range ips {
+			ip = ip.Unmap()
+			if ip.Is6() == s.v6 && ip.IsValid() {
+				fmt.Fprintf(&b, "add %s %s -exist\n", tmp, ip.WithZone(""))
+				if s.v6 {
+					n6++
+				} else {
+					n4++
+				}
+			}
+		}
+		fmt.Fprintf(&b, "swap %s %s\n", tmp, s.name)
+		fmt.Fprintf(&b, "destroy %s\n", tmp)
+	}
+	if _, err := runCmd(strings.NewReader(b.String()), "ipset", "restore"); err != nil {
+		return fmt.Errorf("rules: update local pod sets %s/%s: %w", LocalSet4, LocalSet6, err)
+	}
+	r.log.Debug("local pod sets updated", "ipv4", n4, "ipv6", n6)
+	return nil
+}
+
+// Remove deletes every rule, chain and local-pod set this Rules installed. Offload sets belong
+// to Offload: close it after Remove (a set still referenced by a rule can't be destroyed).
+func (r *Rules) Remove() error {
+	unlock, err := lockRules()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	var errs []error
+	for _, fam := range families(r.backend) {
+		errs = append(errs, removeFamily(r.backend, fam))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	for _, s := range []string{LocalSet4, LocalSet6} {
+		errs = append(errs, destroySet(s))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	r.log.Info("kernel rules removed", "backend", r.backend)
+	return nil
+}
+
+// removeFamily deletes every jump to a SLUICE-* chain and every SLUICE-* chain in one commit.
+func removeFamily(backend string, fam family) error {
+	st, err := readState(fam)
+	if err != nil {
+		return err
+	}
+	if len(st.chains) == 0 && len(st.jumpLs) == 0 {
+		return nil
+	}
+	var b strings.Builder
+	b.WriteString("*filter\n")
+	for _, l := range st.jumpLs {
+		b.WriteString("-D" + strings.TrimPrefix(l, "-A") + "\n")
+	}
+	// Empty every chain first, then delete them: they reference one another.
+	for _, c := range st.chains {
+		fmt.Fprintf(&b, ":%s - [0:0]\n", c)
+	}
+	for _, c := range st.chains {
+		fmt.Fprintf(&b, "-X %s\n", c)
+	}
+	b.WriteString("COMMIT\n")
+	if err := restoreWith(backend, fam, b.String()); err != nil {
+		return fmt.Errorf("rules: remove %s rules with %s: %w", fam.name, fam.restore, err)
+	}
+	return nil
+}
+
+func destroySet(name string) error {
+	out, err := exec.Command("ipset", "destroy", name).CombinedOutput()
+	if err != nil && !bytes.Contains(out, []byte("does not exist")) {
+		return fmt.Errorf("rules: ipset destroy %s: %v: %s", name, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// CleanupRules removes everything sluice ever installs in the current network namespace, with
+// either backend: jumps to SLUICE-* chains, the chains, and every ipset named sluice-* (local pod
+// sets, and offload sets created with the "sluice" prefix). It is what `sluice agent --cleanup`
+// runs after a crash; running it with nothing installed is fine.
+func CleanupRules(log *slog.Logger) error {
+	if log == nil {
+		log = slog.Default()
+	}
+	unlock, err := lockRules()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	var errs []error
+	found := false
+	for _, backend := range []string{BackendNFT, BackendLegacy} {
+		for _, fam := range families(backend) {
+			if _, err := exec.LookPath(fam.save); err != nil {
+				continue
+			}
+			st, err := readState(fam)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if len(st.chains) > 0 || len(st.jumpLs) > 0 {
+				found = true
+				log.Info("removing leftover sluice rules", "backend", backend, "family", fam.name,
+					"chains", len(st.chains), "jumps", len(st.jumpLs))
+				errs = append(errs, removeFamily(backend, fam))
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if _, err := exec.LookPath("ipset"); err != nil {
+		return nil
+	}
+	out, err := runCmd(nil, "ipset", "list", "-n")
+	if err != nil {
+		return fmt.Errorf("rules: list ipsets: %w", err)
+	}
+	for _, name := range strings.Fields(out) {
+		if strings.HasPrefix(name, setPrefix) {
+			found = true
+			log.Info("removing leftover sluice ipset", "set", name)
+			errs = append(errs, destroySet(name))
+		}
+	}
+	if !found {
+		log.Info("no sluice rules or sets found")
+	}
+	return errors.Join(errs...)
+}
+
+// lockRules takes an exclusive flock shared by every sluice process on the machine. Rule
+// changes take milliseconds, so the wait is short even across network namespaces.
+func lockRules() (func(), error) {
+	f, err := os.OpenFile(lockFile, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("rules: open lock %s: %w", lockFile, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("rules: lock %s: %w", lockFile, err)
+	}
+	return func() {
+		syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+		f.Close()
+	}, nil
+}
+
+func runCmd(stdin *strings.Reader, name string, args ...string) (string, error) {
+	cmd := exec.Command(name, args...)
+	if stdin != nil {
+		cmd.Stdin = stdin
+	}
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return stdout.String(), fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return stdout.String(), nil
+}
