@@ -178,9 +178,16 @@ func (o *Offload) RecordGen(gen uint64, f policy.Flow, allowed bool) {
 }
 
 // Flush empties every set. Call it after each snapshot swap so no verdict of the old policies
-// survives; entries recorded before the call and still queued are discarded too.
-func (o *Offload) Flush() error {
-	return o.FlushGen(o.gen.Load() + 1)
+// survives; entries recorded before the call and still queued are discarded too. A failure is
+// logged (the packet path has nobody to return it to); FlushGen returns it.
+//
+// With Record/Flush, a packet judged by the old snapshot whose Record call lands just after
+// Flush can still write one stale entry (until its timeout). Callers that know the snapshot
+// generation close that window with RecordGen/FlushGen.
+func (o *Offload) Flush() {
+	if err := o.FlushGen(o.gen.Load() + 1); err != nil {
+		o.log.Error("offload: flushing the kernel sets failed; stale verdicts may survive until their timeout", "err", err)
+	}
 }
 
 // FlushGen empties every set and discards queued verdicts of generations older than gen (the

@@ -281,8 +281,9 @@ func TestOffloadRealPackets(t *testing.T) {
 	}
 
 	// A policy change flushes: the next connection is decided in user space again.
-	if err := o.Flush(); err != nil {
-		t.Fatal(err)
+	o.Flush()
+	if o.Stats().Flushes == 0 {
+		t.Fatal("Flush did not run")
 	}
 	if has(s.Allow4, 8080) || has(s.Deny4, 8081) {
 		t.Fatal("entries survived Flush")
@@ -311,3 +312,6 @@ func TestOffloadRealPackets(t *testing.T) {
 		t.Fatalf("stats: %+v", st)
 	}
 }
+
+// The dataplane takes the offload through its FlowRecorder interface.
+var _ FlowRecorder = (*Offload)(nil)
