@@ -92,7 +92,7 @@ func Generate(n int, seed uint64) *policy.State {
 			labels = nil // jobs and strays without labels
 		}
 		p := g.pod(nsName(ns), fmt.Sprintf("%s-%d", tier, i), labels, tierPorts(tier, r),
-			fmt.Sprintf("node-%d", r.IntN(nodes)), ipIndex, r.IntN(10) < 3)
+			fmt.Sprintf("node-%d", r.IntN(nodes)), ipIndex, r.IntN(10) < 4)
 		ipIndex++
 		switch r.IntN(100) {
 		case 0:
@@ -237,7 +237,7 @@ func (g *gen) policy(i, nNS int) networkingv1.NetworkPolicy {
 		if r.IntN(5) != 0 {
 			np.Spec.Ingress = g.ingressRules(ns)
 		}
-		if r.IntN(3) == 0 {
+		if r.IntN(5) == 0 {
 			np.Spec.Egress = g.egressRules(ns)
 		}
 		switch r.IntN(3) {
@@ -305,13 +305,15 @@ func (g *gen) peer(ns int, egress bool) networkingv1.NetworkPolicyPeer {
 		return networkingv1.NetworkPolicyPeer{IPBlock: &networkingv1.IPBlock{
 			CIDR: "0.0.0.0/0", Except: []string{"10.0.0.0/8", fmt.Sprintf("192.168.%d.0/24", r.IntN(256))}}}
 	case 5:
+		site := r.IntN(64)
 		return networkingv1.NetworkPolicyPeer{IPBlock: &networkingv1.IPBlock{
-			CIDR:   fmt.Sprintf("2001:db8:%x::/48", r.IntN(64)),
-			Except: []string{fmt.Sprintf("2001:db8:%x:%x::/64", r.IntN(64), r.IntN(4))}}}
+			CIDR:   fmt.Sprintf("2001:db8:%x::/48", site),
+			Except: []string{fmt.Sprintf("2001:db8:%x:%x::/64", site, 1+r.IntN(3))}}}
 	}
-	// Pod IPs through an ipBlock: a slice of the pod network.
+	// Pod IPs through an ipBlock: a slice of the pod network, minus its upper half.
+	third := r.IntN(200)
 	return networkingv1.NetworkPolicyPeer{IPBlock: &networkingv1.IPBlock{
-		CIDR: fmt.Sprintf("10.244.%d.0/24", r.IntN(200)), Except: []string{fmt.Sprintf("10.244.%d.128/25", r.IntN(200))}}}
+		CIDR: fmt.Sprintf("10.244.%d.0/24", third), Except: []string{fmt.Sprintf("10.244.%d.128/25", third)}}}
 }
 
 func (g *gen) ports() []networkingv1.NetworkPolicyPort {
@@ -439,7 +441,7 @@ func Flows(st *policy.State, n int, seed uint64) []policy.Flow {
 		var f policy.Flow
 		dst := pods[r.IntN(len(pods))]
 		src := pods[r.IntN(len(pods))]
-		v6 := dst.v6.IsValid() && src.v6.IsValid() && r.IntN(3) == 0
+		v6 := dst.v6.IsValid() && src.v6.IsValid() && r.IntN(3) != 0
 		pick := func(e ep) netip.Addr {
 			if v6 {
 				return e.v6

@@ -1,0 +1,119 @@
+package policy_test
+
+import (
+	"fmt"
+	"runtime"
+	"sync"
+	"testing"
+
+	"github.com/sluice-dev/sluice/internal/clustergen"
+	"github.com/sluice-dev/sluice/policy"
+)
+
+// Benchmarks over the same generated clusters and the same flow mix, so that
+// BenchmarkDecide/policies=N and BenchmarkReference/policies=N compare line by line.
+//
+//	go test ./policy -run '^$' -bench . -benchmem
+
+var benchSizes = []int{100, 1000, 10000}
+
+const (
+	benchSeed     = 1
+	benchFlowSeed = 2
+	benchFlows    = 4096 // a power of two: the loop indexes with a mask
+)
+
+type benchCluster struct {
+	st    *policy.State
+	flows []policy.Flow
+}
+
+var (
+	benchMu       sync.Mutex
+	benchClusters = map[int]*benchCluster{}
+)
+
+func benchClusterFor(b *testing.B, n int) *benchCluster {
+	b.Helper()
+	benchMu.Lock()
+	defer benchMu.Unlock()
+	if c, ok := benchClusters[n]; ok {
+		return c
+	}
+	st := clustergen.Generate(n, benchSeed)
+	c := &benchCluster{st: st, flows: clustergen.Flows(st, benchFlows, benchFlowSeed)}
+	benchClusters[n] = c
+	return c
+}
+
+func BenchmarkDecide(b *testing.B) {
+	for _, n := range benchSizes {
+		b.Run(fmt.Sprintf("policies=%d", n), func(b *testing.B) {
+			c := benchClusterFor(b, n)
+			snap, err := policy.Compile(c.st, policy.Options{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			var allowed int
+			for i := 0; i < b.N; i++ {
+				if snap.Decide(c.flows[i&(benchFlows-1)]).Allowed {
+					allowed++
+				}
+			}
+			b.StopTimer()
+			if b.N >= benchFlows {
+				b.ReportMetric(float64(allowed)/float64(b.N), "allowed/op")
+			}
+		})
+	}
+}
+
+func BenchmarkReference(b *testing.B) {
+	for _, n := range benchSizes {
+		b.Run(fmt.Sprintf("policies=%d", n), func(b *testing.B) {
+			c := benchClusterFor(b, n)
+			opt := policy.Options{}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				policy.ReferenceDecide(c.st, opt, c.flows[i&(benchFlows-1)])
+			}
+		})
+	}
+}
+
+func BenchmarkCompile(b *testing.B) {
+	for _, n := range benchSizes {
+		b.Run(fmt.Sprintf("policies=%d", n), func(b *testing.B) {
+			c := benchClusterFor(b, n)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if _, err := policy.Compile(c.st, policy.Options{}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(heapOfSnapshotMB(b, c.st), "MB")
+		})
+	}
+}
+
+// heapOfSnapshotMB measures the live heap one compiled snapshot holds (the state it was built
+// from is kept alive on both sides of the measurement, so it does not count).
+func heapOfSnapshotMB(b *testing.B, st *policy.State) float64 {
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	snap, err := policy.Compile(st, policy.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	runtime.KeepAlive(snap)
+	runtime.KeepAlive(st)
+	return float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / 1e6
+}
