@@ -79,7 +79,7 @@ func main() {
 	flag.StringVar(&o.sluice, "sluice", "", "sluice binary (default: go build ./cmd/sluice into a temporary directory)")
 	flag.BoolVar(&o.micro, "micro", true, "run the micro benchmarks (full run only)")
 	flag.DurationVar(&o.benchtime, "benchtime", 300*time.Millisecond, "time per micro benchmark")
-	flag.BoolVar(&o.pprof, "pprof", true, "capture a CPU profile of the agent from its /debug/pprof endpoint, when it has one")
+	flag.BoolVar(&o.pprof, "pprof", true, "profile the queue readers (agent: its /debug/pprof, else perf; bare loop: perf) at the top client count")
 	flag.Parse()
 	if o.runs == 0 {
 		o.runs = 3
@@ -135,8 +135,7 @@ type harness struct {
 	results        []*result
 	agentHist      map[string]histSummary
 	microRes       []microResult
-	profileTop     string
-	profileOf      string
+	profiles       map[string]string
 	machine        machineInfo
 	started        time.Time
 	planned, done  int
@@ -162,7 +161,7 @@ func run(ctx context.Context, o options, log io.Writer) (*summary, error) {
 			return nil, fmt.Errorf("%s is missing: run hack/deps.sh (or make deps)", b)
 		}
 	}
-	h := &harness{o: o, log: log, started: time.Now(), agentHist: map[string]histSummary{}}
+	h := &harness{o: o, log: log, started: time.Now(), agentHist: map[string]histSummary{}, profiles: map[string]string{}}
 	h.machine = describeMachine()
 	var err error
 	if h.self, err = os.Executable(); err != nil {
@@ -307,10 +306,12 @@ func (h *harness) plan() []step {
 		return s
 	}
 	top := slices.Max(o.clients)
+	bareW := tcp(o.clients...)
+	bareW[len(bareW)-1].profile = o.pprof
 	s = []step{
 		{config{Name: "no-filter", kind: kNoFilter}, tcp(o.clients...)},
 		{config{Name: "conntrack", kind: kConntrack}, tcp(o.clients...)},
-		{config{Name: "bare-nfqueue", kind: kBare, Queues: 1, Mode: "new-only"}, tcp(o.clients...)},
+		{config{Name: "bare-nfqueue", kind: kBare, Queues: 1, Mode: "new-only"}, bareW},
 		{config{Name: "iptables-policies", kind: kIptables, Policies: o.base}, tcp(o.clients...)},
 	}
 	if h.sluice != "" {
@@ -399,13 +400,13 @@ func (h *harness) step(ctx context.Context, st step, round int) {
 		}
 		res := h.resultFor(st.cfg, w)
 		var prof chan string
-		if w.profile && round == 0 && a.metrics != "" {
+		if w.profile && round == 0 {
 			prof = h.captureProfile(a)
 		}
 		rr, err := h.measure(ctx, a, w)
 		if prof != nil {
 			if top := <-prof; top != "" {
-				h.profileTop, h.profileOf = top, fmt.Sprintf("%s, %s, %d clients", st.cfg.label(), w.mode, w.clients)
+				h.profiles[fmt.Sprintf("%s, %s, %d clients", st.cfg.label(), w.mode, w.clients)] = top
 			}
 		}
 		h.done++

@@ -205,30 +205,61 @@ func (h *harness) scrapeHist(a *active) (histSummary, error) {
 	return hs, nil
 }
 
-// captureProfile asks the agent for a CPU profile covering the next run; it answers with the
-// `go tool pprof -top` text, or "" when the agent has no profiling endpoint.
+// captureProfile profiles the queue reader during the next run and answers with a text top
+// list, or "" when no profiler is available. The agent's own /debug/pprof is preferred; without
+// it, perf samples the process (user and kernel stacks: the verdict syscall re-injects the
+// packet, so the kernel's forwarding runs on the reader's thread and shows up here too).
 func (h *harness) captureProfile(a *active) chan string {
 	ch := make(chan string, 1)
 	secs := max(1, int(h.o.duration.Seconds()))
 	go func() {
-		body, code, err := h.httpInNode(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", a.metrics, secs), time.Duration(secs+15)*time.Second)
-		if err != nil || code != 200 {
-			h.note("no CPU profile of the agent: GET /debug/pprof/profile on its metrics address gave HTTP %d, %v (expose net/http/pprof there to profile it)", code, err)
+		if a.metrics != "" {
+			body, code, err := h.httpInNode(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", a.metrics, secs), time.Duration(secs+15)*time.Second)
+			if err == nil && code == 200 {
+				f := filepath.Join(h.tmp, "agent.pprof")
+				os.WriteFile(f, body, 0o644)
+				out, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=30", h.sluice, f).CombinedOutput()
+				if err == nil {
+					ch <- "go tool pprof -top (agent's /debug/pprof/profile)\n" + trimProfile(string(out))
+					return
+				}
+			}
+		}
+		if _, err := exec.LookPath("perf"); err != nil || a.pid() == 0 {
+			h.note("no CPU profile of %s: the agent serves no /debug/pprof and perf is not installed", a.cfg.label())
 			ch <- ""
 			return
 		}
-		f := filepath.Join(h.tmp, "agent.pprof")
-		os.WriteFile(f, body, 0o644)
-		if dir := filepath.Dir(h.o.out); !h.o.quick {
-			os.WriteFile(filepath.Join(dir, "agent-cpu.pprof"), body, 0o644)
+		f := filepath.Join(h.tmp, "perf.data")
+		rec := exec.Command("perf", "record", "-q", "-F", "999", "-g", "-p", fmt.Sprint(a.pid()), "-o", f, "--", "sleep", fmt.Sprint(secs))
+		if out, err := rec.CombinedOutput(); err != nil {
+			h.note("perf record of %s failed: %v: %s", a.cfg.label(), err, firstLines(string(out), 3))
+			ch <- ""
+			return
 		}
-		out, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=25", h.sluice, f).CombinedOutput()
+		rep := exec.Command("perf", "report", "-i", f, "--stdio", "--no-children", "--sort", "dso,sym", "-g", "none", "--percent-limit", "1")
+		out, err := rep.Output()
 		if err != nil {
-			h.note("go tool pprof failed: %v", err)
+			h.note("perf report failed: %v", err)
 			ch <- ""
 			return
 		}
-		ch <- string(out)
+		var keep []string
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.TrimSpace(l) == "" || strings.HasPrefix(l, "#") {
+				continue
+			}
+			keep = append(keep, strings.TrimRight(l, " "))
+		}
+		byDSO, _ := exec.Command("perf", "report", "-i", f, "--stdio", "--no-children", "--sort", "dso", "-g", "none", "--percent-limit", "1").Output()
+		var dso []string
+		for _, l := range strings.Split(string(byDSO), "\n") {
+			if strings.TrimSpace(l) != "" && !strings.HasPrefix(l, "#") {
+				dso = append(dso, strings.TrimRight(l, " "))
+			}
+		}
+		ch <- "perf record -g -p PID, self time by object:\n" + strings.Join(dso, "\n") +
+			"\n\nby symbol (user and kernel):\n" + strings.Join(keep, "\n") + "\n"
 	}()
 	return ch
 }
@@ -384,8 +415,10 @@ func (h *harness) writeReport(s *summary) error {
 			fmt.Fprintf(&b, "| %s | %.1f | %d | %d | %d |\n", r.Name, r.NsPerOp, r.AllocsOp, r.BytesOp, r.N)
 		}
 	}
-	if h.profileTop != "" {
-		fmt.Fprintf(&b, "\n## Agent CPU profile (%s; raw profile: `agent-cpu.pprof`)\n\n```\n%s```\n", h.profileOf, trimProfile(h.profileTop))
+	if len(h.profiles) > 0 {
+		for _, k := range sortedKeys(h.profiles) {
+			fmt.Fprintf(&b, "\n## CPU profile: %s\n\n```\n%s```\n", k, h.profiles[k])
+		}
 	}
 	if an, err := os.ReadFile(filepath.Join(dir, "ANALYSIS.md")); err == nil {
 		fmt.Fprintf(&b, "\n%s\n", strings.TrimSpace(string(an)))
@@ -518,4 +551,13 @@ func (c clientTicks) Ticks(min, max float64) []plot.Tick {
 		t = append(t, plot.Tick{Value: float64(v), Label: fmt.Sprint(v)})
 	}
 	return t
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	var k []string
+	for x := range m {
+		k = append(k, x)
+	}
+	sort.Strings(k)
+	return k
 }
