@@ -182,8 +182,7 @@ func (h *harness) waitReady(ctx context.Context, a *active) error {
 		}
 		ok := true
 		if a.proc != nil {
-			out, _ := h.lab.NodeExec("iptables-save", "-t", "filter")
-			ok = strings.Contains(out, "NFQUEUE")
+			ok = h.nodeHasQueueRule()
 		}
 		if ok {
 			if h.connects(time.Second) {
@@ -228,12 +227,26 @@ func (h *harness) stop(a *active) {
 		}
 		if a.cfg.kind == kSluice {
 			// The agent promises to remove every rule it installed; note it when it does not.
-			if out, _ := h.lab.NodeExec("iptables-save", "-t", "filter"); strings.Contains(out, "NFQUEUE") {
+			if h.nodeHasQueueRule() {
 				h.note("sluice agent left NFQUEUE rules behind after SIGTERM (%s)", a.cfg.Name)
 			}
 		}
 	}
 	h.resetNode()
+}
+
+// nodeHasQueueRule looks for an NFQUEUE rule in the node with both iptables back ends: the
+// agent picks the one the kernel offers, which need not be the harness's.
+func (h *harness) nodeHasQueueRule() bool {
+	for _, save := range []string{"iptables-save", "iptables-legacy-save", "ip6tables-save"} {
+		if _, err := exec.LookPath(save); err != nil {
+			continue
+		}
+		if out, _ := h.lab.NodeExec(save); strings.Contains(out, "NFQUEUE") {
+			return true
+		}
+	}
+	return false
 }
 
 func (a *active) pid() int {
