@@ -416,11 +416,10 @@ func (l *linter) dns() {
 		for i, np := range g.policies {
 			names[i] = np.Name
 		}
-		who := "the pods they select"
+		isolation := fmt.Sprintf("the pods selected by %s are isolated for egress and", strings.Join(names, ", "))
 		if len(g.pods) > 0 {
-			who = "pod(s) " + listSome(g.pods, 3)
+			isolation = fmt.Sprintf("pod(s) %s, isolated for egress by %s,", listSome(g.pods, 3), strings.Join(names, ", "))
 		}
-		isolation := fmt.Sprintf("%s isolated for egress by %s", who, strings.Join(names, ", "))
 		switch {
 		case !l.egressAllows(g.policies, corev1.ProtocolUDP, 53):
 			l.add(Finding{Level: LevelWarning, Namespace: g.ns, Policy: strings.Join(names, ", "), Check: CheckDNSEgress,

@@ -58,7 +58,7 @@ func TestLintThreeTier(t *testing.T) {
 		{LevelWarning, "other", "", CheckDefaultDenyIngress, "namespace other has 1 pod(s)"},
 		{LevelInfo, "other", "", CheckDefaultDenyEgress, ""},
 		// backend-policy isolates egress and only allows the database: no DNS.
-		{LevelWarning, "production", "backend-policy", CheckDNSEgress, "pod(s) production/backend isolated for egress by backend-policy may not send to UDP port 53"},
+		{LevelWarning, "production", "backend-policy", CheckDNSEgress, "pod(s) production/backend, isolated for egress by backend-policy, may not send to UDP port 53"},
 		// frontend-policy allows DNS over UDP only.
 		{LevelInfo, "production", "frontend-policy", CheckDNSEgress, "not TCP port 53"},
 	})
@@ -85,7 +85,7 @@ func TestLintWithoutPods(t *testing.T) {
 		{LevelInfo, "", "", CheckNoPods, "checks that need pods"},
 		{LevelWarning, "production", "", CheckDefaultDenyIngress, "namespace production has 3 policy(ies)"},
 		{LevelInfo, "production", "", CheckDefaultDenyEgress, ""},
-		{LevelWarning, "production", "backend-policy", CheckDNSEgress, "the pods they select isolated for egress by backend-policy"},
+		{LevelWarning, "production", "backend-policy", CheckDNSEgress, "the pods selected by backend-policy are isolated for egress and may not send"},
 		{LevelInfo, "production", "frontend-policy", CheckDNSEgress, "not TCP port 53"},
 	})
 

@@ -1,0 +1,64 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sluice-dev/sluice/policy"
+)
+
+// extraCommands lets subcommands that live in files of their own register without root.go
+// naming them, so each file builds on its own: agent.go adds itself with
+//
+//	func init() { extraCommands = append(extraCommands, newAgentCmd) }
+var extraCommands []func() *cobra.Command
+
+func newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "sluice",
+		Short: "Kubernetes NetworkPolicy enforced in user space through NFQUEUE, and explained",
+		Long: `sluice enforces Kubernetes NetworkPolicy on nodes that cannot run eBPF (sluice agent), and
+answers "would this flow be allowed, and why?" from the same engine, offline, from a state file:
+multi-document YAML or a kind: List, e.g.
+
+  kubectl get pods,namespaces,networkpolicies -A -o yaml > state.yaml
+  sluice explain --state state.yaml --from production/frontend --to production/backend --port 8080/TCP
+
+Exit status: 0 success (whatever the verdict), 1 lint --strict found warnings, 2 bad input or
+any other failure.`,
+		SilenceUsage:  true, // a wrong flag deserves one line, not the whole help
+		SilenceErrors: true, // run prints the error once, prefixed
+	}
+	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
+		return fmt.Errorf("%w (see %s --help)", err, cmd.CommandPath())
+	})
+	root.AddCommand(newExplainCmd(), newMatrixCmd(), newLintCmd(), newVersionCmd())
+	for _, c := range extraCommands {
+		root.AddCommand(c())
+	}
+	return root
+}
+
+// loadState reads a state file, printing its notes (ignored kinds and the like) on stderr so
+// that stdout stays machine-readable.
+func loadState(cmd *cobra.Command, path string) (*policy.State, error) {
+	if path == "" {
+		return nil, fmt.Errorf("--state FILE is required (e.g. from kubectl get pods,namespaces,networkpolicies -A -o yaml)")
+	}
+	st, notes, err := policy.LoadFile(path)
+	for _, n := range notes {
+		fmt.Fprintln(cmd.ErrOrStderr(), "note:", n)
+	}
+	return st, err
+}
+
+// checkOutput rejects an -o value the command does not know.
+func checkOutput(got string, allowed ...string) error {
+	for _, a := range allowed {
+		if got == a {
+			return nil
+		}
+	}
+	return fmt.Errorf("-o %q is not supported; use one of %v", got, allowed)
+}
