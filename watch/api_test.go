@@ -1,0 +1,424 @@
+package watch
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/sluice-dev/sluice/policy"
+	"github.com/sluice-dev/sluice/watch/kubetest"
+)
+
+// inForce is what the agent does with published snapshots: one atomic pointer, plus (for the
+// test) when each generation arrived.
+type inForce struct {
+	cur atomic.Pointer[policy.Snapshot]
+	mu  sync.Mutex
+	at  map[uint64]time.Time
+}
+
+func (f *inForce) publish(s *policy.Snapshot) {
+	f.mu.Lock()
+	if f.at == nil {
+		f.at = make(map[uint64]time.Time)
+	}
+	f.at[s.Generation()] = time.Now()
+	f.mu.Unlock()
+	if old := f.cur.Load(); old != nil && s.Generation() <= old.Generation() {
+		panic(fmt.Sprintf("generation went from %d to %d", old.Generation(), s.Generation()))
+	}
+	f.cur.Store(s)
+}
+
+func (f *inForce) publishedAt(gen uint64) time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.at[gen]
+}
+
+// waitDecision waits (bounded) until the snapshot in force decides fl as want, and returns the
+// time from since to the publication of the first snapshot that does.
+func (f *inForce) waitDecision(t *testing.T, what string, since time.Time, fl policy.Flow, want bool) time.Duration {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if s := f.cur.Load(); s != nil {
+			if v := s.Decide(fl); v.Allowed == want {
+				d := f.publishedAt(s.Generation()).Sub(since)
+				if d < 0 { // the snapshot was already right before the change (should not happen)
+					t.Errorf("%s: decision was already %v before the change", what, want)
+				}
+				t.Logf("%-48s -> allowed=%-5v in force after %v (generation %d)", what, want, d.Round(time.Millisecond), s.Generation())
+				return d
+			}
+		}
+		if time.Now().After(deadline) {
+			s := f.cur.Load()
+			var expl any = "no snapshot"
+			if s != nil {
+				expl = s.Explain(fl)
+			}
+			t.Fatalf("%s: %v->%v %v/%d not allowed=%v within 20 s; last snapshot says %+v", what, fl.Src, fl.Dst, fl.Proto, fl.Port, want, expl)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func tcp(src, dst string, port uint16) policy.Flow {
+	return policy.Flow{Src: netip.MustParseAddr(src), Dst: netip.MustParseAddr(dst), Proto: policy.TCP, Port: port}
+}
+
+func mkNS(t testing.TB, ctx context.Context, c kubernetes.Interface, name string, labels map[string]string) {
+	t.Helper()
+	if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func podObj(ns, name string, labels map[string]string, node string, ports ...corev1.ContainerPort) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: labels,
+			Annotations: map[string]string{"example.com/bulk": "annotations are dropped by the transform"}},
+		Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "c", Image: "registry.example/app:1", Ports: ports}}},
+	}
+}
+
+// mkPod creates a pod and gives it ip through the status subresource (no kubelet runs).
+func mkPod(t testing.TB, ctx context.Context, c kubernetes.Interface, p *corev1.Pod, ip string) {
+	t.Helper()
+	created, err := c.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	setIP(t, ctx, c, created, ip)
+}
+
+func setIP(t testing.TB, ctx context.Context, c kubernetes.Interface, p *corev1.Pod, ip string) {
+	t.Helper()
+	p = p.DeepCopy()
+	p.Status.Phase = corev1.PodRunning
+	p.Status.PodIP = ip
+	p.Status.PodIPs = []corev1.PodIP{{IP: ip}}
+	if _, err := c.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func patch(t *testing.T, ctx context.Context, do func() error) time.Time {
+	t.Helper()
+	start := time.Now()
+	if err := do(); err != nil {
+		t.Fatal(err)
+	}
+	return start
+}
+
+func mergePatch(s string) []byte { return []byte(s) }
+
+func TestAPISourceAgainstRealAPIServer(t *testing.T) {
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	mkNS(t, ctx, c, "shop", map[string]string{"team": "shop"})
+	mkNS(t, ctx, c, "other", nil)
+	pg := corev1.ContainerPort{Name: "pg", ContainerPort: 5432, Protocol: corev1.ProtocolTCP}
+	mkPod(t, ctx, c, podObj("shop", "web", map[string]string{"tier": "frontend"}, "node-a"), "10.244.1.10")
+	mkPod(t, ctx, c, podObj("shop", "db", map[string]string{"tier": "database"}, "node-a", pg), "10.244.1.20")
+	mkPod(t, ctx, c, podObj("other", "client", nil, "node-b"), "10.244.2.30")
+
+	src := NewAPISource(env.Config, policy.Options{Node: "node-a"}, testLogger(t), 50*time.Millisecond)
+	var f inForce
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- src.Run(runCtx, f.publish) }()
+	defer func() {
+		stop()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Error("Run did not return within 30 s of cancel")
+		}
+	}()
+
+	eventually(t, "the source is ready", src.Ready)
+	s := f.cur.Load()
+	if st := s.Stats(); st.Pods != 3 || st.LocalPods != 2 || st.Namespaces < 2 {
+		t.Errorf("first snapshot stats %+v, want 3 pods, 2 local (node-a), >= 2 namespaces", st)
+	}
+	webDB := tcp("10.244.1.10", "10.244.1.20", 5432)
+	clientDB := tcp("10.244.2.30", "10.244.1.20", 5432)
+	if v := s.Decide(webDB); !v.Allowed || v.Reason != policy.ReasonUnisolated {
+		t.Fatalf("web->db without policies: %v", v)
+	}
+
+	var props []time.Duration
+	step := func(what string, since time.Time, fl policy.Flow, want bool) {
+		t.Helper()
+		props = append(props, f.waitDecision(t, what, since, fl, want))
+	}
+
+	// A policy: the database takes the frontend pods and namespaces labelled trusted, on its
+	// named port.
+	np := &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "db"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"tier": "database"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From: []networkingv1.NetworkPolicyPeer{
+					{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"tier": "frontend"}}},
+					{NamespaceSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"trusted": "yes"}}},
+				},
+				Ports: []networkingv1.NetworkPolicyPort{{Port: ptr(intstr.FromString("pg"))}},
+			}},
+		},
+	}
+	at := patch(t, ctx, func() error {
+		_, err := c.NetworkingV1().NetworkPolicies("shop").Create(ctx, np, metav1.CreateOptions{})
+		return err
+	})
+	step("policy created: other/client -> db denied", at, clientDB, false)
+	if v := f.cur.Load().Decide(webDB); !v.Allowed || v.Reason != policy.ReasonRule {
+		t.Fatalf("web->db:5432 with the policy: %v, want allowed by rule", v)
+	}
+	if v := f.cur.Load().Decide(tcp("10.244.1.10", "10.244.1.20", 80)); v.Allowed {
+		t.Fatalf("web->db:80 with the policy: %v, want denied", v)
+	}
+
+	// Namespace label change.
+	at = patch(t, ctx, func() error {
+		_, err := c.CoreV1().Namespaces().Patch(ctx, "other", types.MergePatchType, mergePatch(`{"metadata":{"labels":{"trusted":"yes"}}}`), metav1.PatchOptions{})
+		return err
+	})
+	step("namespace other labelled trusted: client -> db", at, clientDB, true)
+
+	// Pod label change.
+	at = patch(t, ctx, func() error {
+		_, err := c.CoreV1().Pods("shop").Patch(ctx, "web", types.MergePatchType, mergePatch(`{"metadata":{"labels":{"tier":"batch"}}}`), metav1.PatchOptions{})
+		return err
+	})
+	step("pod web relabelled tier=batch: web -> db", at, webDB, false)
+
+	// Pod IP change: the old address becomes a stranger, the new one is the trusted client.
+	newClient := tcp("10.244.2.31", "10.244.1.20", 5432)
+	if v := f.cur.Load().Decide(newClient); v.Allowed {
+		t.Fatalf("10.244.2.31 (no pod yet) -> db: %v, want denied", v)
+	}
+	at = patch(t, ctx, func() error {
+		p, err := c.CoreV1().Pods("other").Get(ctx, "client", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		setIP(t, ctx, c, p, "10.244.2.31")
+		return nil
+	})
+	step("pod client IP .30 -> .31: new IP -> db", at, newClient, true)
+	if v := f.cur.Load().Decide(clientDB); v.Allowed {
+		t.Errorf("old client IP .30 -> db after the IP change: %v, want denied", v)
+	}
+
+	// Policy deletion: nothing isolates the database any more.
+	at = patch(t, ctx, func() error {
+		return c.NetworkingV1().NetworkPolicies("shop").Delete(ctx, "db", metav1.DeleteOptions{})
+	})
+	step("policy deleted: web -> db", at, webDB, true)
+
+	// Outage: a deny-all holds while the API server is down, and changes after it comes back
+	// are seen.
+	denyAll := &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "deny-all"},
+		Spec:       networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}},
+	}
+	at = patch(t, ctx, func() error {
+		_, err := c.NetworkingV1().NetworkPolicies("shop").Create(ctx, denyAll, metav1.CreateOptions{})
+		return err
+	})
+	step("deny-all created: web -> db", at, webDB, false)
+	genBefore := f.cur.Load().Generation()
+
+	env.StopAPIServer()
+	eventually(t, "the source reports stale after the API server stopped", func() bool { st, _ := src.Stale(); return st })
+	if got := metricValue(metricStale.WithLabelValues("api")); got != 1 {
+		t.Errorf("sluice_watch_stale{source=api} = %v during the outage, want 1", got)
+	}
+	// A few seconds of outage: the informers retry, and the snapshot must not change.
+	time.Sleep(3 * time.Second)
+	if s := f.cur.Load(); s.Generation() != genBefore || s.Decide(webDB).Allowed {
+		t.Fatalf("during the outage: generation %d (was %d), web->db %v; the last policy must hold", s.Generation(), genBefore, s.Decide(webDB))
+	}
+	if staleSeconds() <= 0 {
+		t.Errorf("sluice_watch_stale_seconds is %v during the outage", staleSeconds())
+	}
+	t.Logf("watch errors counted during the outage: %v", metricValue(metricErrors.WithLabelValues("api", "watch")))
+
+	env.StartAPIServer()
+	// The change is made after the restart; the informers must resume and deliver it.
+	at = patch(t, ctx, func() error {
+		return c.NetworkingV1().NetworkPolicies("shop").Delete(ctx, "deny-all", metav1.DeleteOptions{})
+	})
+	f.waitDecision(t, "after API server restart, deny-all deleted", at, webDB, true)
+	eventually(t, "the source is no longer stale", func() bool { st, _ := src.Stale(); return !st })
+	if got := metricValue(metricStale.WithLabelValues("api")); got != 0 {
+		t.Errorf("sluice_watch_stale{source=api} = %v after resync, want 0", got)
+	}
+
+	var sum time.Duration
+	for _, d := range props {
+		sum += d
+	}
+	t.Logf("propagation (API call -> snapshot in force), %d changes, debounce 50ms: mean %v", len(props), (sum / time.Duration(len(props))).Round(time.Millisecond))
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// TestAPISourceScale creates many pods through the API server and reports the memory the source
+// holds and the propagation time of one change at that size. SLUICE_SCALE_PODS sets the count
+// (default 2000 so that `make test` stays quick; the note's figures used more).
+func TestAPISourceScale(t *testing.T) {
+	n := 2000
+	if v := os.Getenv("SLUICE_SCALE_PODS"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 1 || n > 100000 {
+			t.Fatalf("SLUICE_SCALE_PODS=%q: want a count between 1 and 100000", v)
+		}
+	}
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+
+	const namespaces, nodes = 20, 50
+	for i := range namespaces {
+		mkNS(t, ctx, c, fmt.Sprintf("ns-%d", i), map[string]string{"team": fmt.Sprintf("t%d", i%5)})
+	}
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	next := atomic.Int64{}
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				p := podObj(fmt.Sprintf("ns-%d", i%namespaces), fmt.Sprintf("pod-%d", i),
+					map[string]string{"app": fmt.Sprintf("app-%d", i%40), "tier": []string{"web", "api", "db"}[i%3]},
+					fmt.Sprintf("node-%d", i%nodes), corev1.ContainerPort{Name: "http", ContainerPort: 8080})
+				created, err := c.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{})
+				if err == nil {
+					created.Status.Phase = corev1.PodRunning
+					ip := fmt.Sprintf("10.%d.%d.%d", 100+i>>16, (i>>8)&255, i&255)
+					created.Status.PodIP, created.Status.PodIPs = ip, []corev1.PodIP{{IP: ip}}
+					_, err = c.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{})
+				}
+				if err != nil {
+					select {
+					case errs <- err:
+					default:
+					}
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("created %d pods with IPs through the API server in %v", n, time.Since(start).Round(time.Millisecond))
+	for i := range namespaces {
+		ns := fmt.Sprintf("ns-%d", i)
+		for _, tier := range []string{"web", "api", "db"} {
+			np := &networkingv1.NetworkPolicy{
+				ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: tier},
+				Spec: networkingv1.NetworkPolicySpec{
+					PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"tier": tier}},
+					Ingress: []networkingv1.NetworkPolicyIngressRule{{
+						From:  []networkingv1.NetworkPolicyPeer{{NamespaceSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"team": "t1"}}, PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"tier": "web"}}}},
+						Ports: []networkingv1.NetworkPolicyPort{{Port: ptr(intstr.FromString("http"))}},
+					}},
+				},
+			}
+			if _, err := c.NetworkingV1().NetworkPolicies(ns).Create(ctx, np, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+
+	heap := func() uint64 {
+		runtime.GC()
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapAlloc
+	}
+	before := heap()
+	src := NewAPISource(env.Config, policy.Options{Node: "node-0"}, testLogger(t), 100*time.Millisecond)
+	var f inForce
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	syncStart := time.Now()
+	go func() { done <- src.Run(runCtx, f.publish) }()
+	defer func() { stop(); <-done }()
+	deadline := time.Now().Add(5 * time.Minute)
+	for !src.Ready() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not ready within 5 min with %d pods", n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	syncTime := time.Since(syncStart)
+	st := f.cur.Load().Stats()
+	if st.Pods != n {
+		t.Fatalf("snapshot has %d pods, want %d", st.Pods, n)
+	}
+	after := heap()
+	runtime.KeepAlive(src)
+	t.Logf("pods=%d: list+first snapshot %v; heap held by the source (informer caches + snapshot) %.1f MiB (%.0f bytes/pod); snapshot %+v",
+		n, syncTime.Round(time.Millisecond), float64(after-before)/(1<<20), float64(after-before)/float64(n), st)
+
+	// Probe: pod-6 (ns-6, team t1, tier web) -> pod-0 (ns-0, node-0, local, tier web) on http is
+	// allowed by policy ns-0/web; relabelling pod-6 away from tier web denies it, and back.
+	if n < 7 {
+		t.Skip("too few pods for the propagation probe")
+	}
+	fl := tcp("10.100.0.6", "10.100.0.0", 8080)
+	f.waitDecision(t, "scale: baseline pod-6 -> pod-0", time.Now(), fl, true)
+	var props []time.Duration
+	for _, tier := range []string{"api", "web", "api", "web"} {
+		at := patch(t, ctx, func() error {
+			_, err := c.CoreV1().Pods("ns-6").Patch(ctx, "pod-6", types.MergePatchType, mergePatch(`{"metadata":{"labels":{"tier":"`+tier+`"}}}`), metav1.PatchOptions{})
+			return err
+		})
+		props = append(props, f.waitDecision(t, fmt.Sprintf("scale %d pods: pod-6 tier=%s", n, tier), at, fl, tier == "web"))
+	}
+	var sum, maxd time.Duration
+	for _, d := range props {
+		sum += d
+		maxd = max(maxd, d)
+	}
+	t.Logf("pods=%d: propagation (API call -> snapshot in force) over %d label changes: mean %v, max %v (debounce 100ms)",
+		n, len(props), (sum / time.Duration(len(props))).Round(time.Millisecond), maxd.Round(time.Millisecond))
+}

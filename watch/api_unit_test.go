@@ -1,0 +1,124 @@
+package watch
+
+import (
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/sluice-dev/sluice/policy"
+)
+
+// A policy that does not compile must not open traffic: the pods it selects stay isolated
+// without its rules, while valid policies keep working.
+func TestNeutraliseKeepsIsolation(t *testing.T) {
+	ip := func(s string) corev1.PodStatus {
+		return corev1.PodStatus{Phase: corev1.PodRunning, PodIP: s, PodIPs: []corev1.PodIP{{IP: s}}}
+	}
+	st := &policy.State{
+		Namespaces: []corev1.Namespace{{ObjectMeta: metav1.ObjectMeta{Name: "a"}}},
+		Pods: []corev1.Pod{
+			{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "db", Labels: map[string]string{"tier": "db"}}, Status: ip("10.0.0.2")},
+			{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "web", Labels: map[string]string{"tier": "web"}}, Status: ip("10.0.0.3")},
+			{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "cache", Labels: map[string]string{"tier": "cache"}}, Status: ip("10.0.0.4")},
+		},
+		Policies: []networkingv1.NetworkPolicy{
+			{ // broken peer CIDR: the db must stay isolated
+				ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "db", ResourceVersion: "7"},
+				Spec: networkingv1.NetworkPolicySpec{
+					PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"tier": "db"}},
+					Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{
+						{IPBlock: &networkingv1.IPBlock{CIDR: "0.0.0.0/0"}},
+						{IPBlock: &networkingv1.IPBlock{CIDR: "not-a-cidr"}},
+					}}},
+				},
+			},
+			{ // broken pod selector: every pod of the namespace is isolated
+				ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "weird", ResourceVersion: "8"},
+				Spec: networkingv1.NetworkPolicySpec{
+					PodSelector: metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "tier", Operator: "Bogus"}}},
+					Ingress:     []networkingv1.NetworkPolicyIngressRule{{}},
+				},
+			},
+			{ // valid: web is reachable on 80 from anywhere
+				ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "web"},
+				Spec: networkingv1.NetworkPolicySpec{
+					PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"tier": "web"}},
+					Ingress:     []networkingv1.NetworkPolicyIngressRule{{Ports: []networkingv1.NetworkPolicyPort{{Port: ptr(intstr.FromInt32(80))}}}},
+				},
+			},
+		},
+	}
+	if _, err := policy.Compile(st, policy.Options{}); err == nil {
+		t.Fatal("the broken state compiled; the test needs policies that do not")
+	}
+	s := NewAPISource(nil, policy.Options{}, testLogger(t), 0)
+	c := newCompiler("test", policy.Options{}, testLogger(t))
+	snap, err := s.compile(c, st)
+	if err != nil {
+		t.Fatalf("compile with neutralisation: %v", err)
+	}
+	for _, tc := range []struct {
+		src, dst string
+		port     uint16
+		want     bool
+	}{
+		{"192.0.2.1", "10.0.0.2", 5432, false}, // db: the broken policy would have allowed 0.0.0.0/0
+		{"10.0.0.3", "10.0.0.2", 5432, false},
+		{"192.0.2.1", "10.0.0.4", 6379, false}, // cache: isolated by the broken selector's fallback
+		{"192.0.2.1", "10.0.0.3", 80, true},    // web: the valid policy still allows
+		{"192.0.2.1", "10.0.0.3", 81, false},
+	} {
+		if v := snap.Decide(tcp(tc.src, tc.dst, tc.port)); v.Allowed != tc.want {
+			t.Errorf("%s -> %s:%d = %v, want allowed=%v", tc.src, tc.dst, tc.port, v, tc.want)
+		}
+	}
+	if len(s.badSeen) != 2 {
+		t.Errorf("reported bad policies %v, want a/db and a/weird", s.badSeen)
+	}
+}
+
+func TestTrimKeepsWhatPolicyReads(t *testing.T) {
+	always := corev1.ContainerRestartPolicyAlways
+	in := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "p", Labels: map[string]string{"x": "y"}, ResourceVersion: "3",
+			Annotations:   map[string]string{"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+			ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "kubectl"}}},
+		Spec: corev1.PodSpec{NodeName: "n1",
+			Containers: []corev1.Container{{Name: "c", Image: "i", Env: []corev1.EnvVar{{Name: "A", Value: "B"}},
+				Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 80}, {ContainerPort: 9090}}}},
+			InitContainers: []corev1.Container{{Name: "side", RestartPolicy: &always, Ports: []corev1.ContainerPort{{Name: "m", ContainerPort: 9100}}},
+				{Name: "init", Ports: []corev1.ContainerPort{{Name: "z", ContainerPort: 1}}}},
+		},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.0.0.1", PodIPs: []corev1.PodIP{{IP: "10.0.0.1"}},
+			Conditions: []corev1.PodCondition{{Type: corev1.PodReady}}},
+	}
+	o, _ := trim(in)
+	p := o.(*corev1.Pod)
+	if p.Annotations != nil || p.ManagedFields != nil || p.Status.Conditions != nil || p.Spec.Containers[0].Env != nil || p.Spec.Containers[0].Image != "" {
+		t.Errorf("trim kept what policy does not read: %+v", p)
+	}
+	if p.Labels["x"] != "y" || p.Spec.NodeName != "n1" || p.Status.PodIP != "10.0.0.1" || len(p.Status.PodIPs) != 1 ||
+		len(p.Spec.Containers) != 1 || len(p.Spec.Containers[0].Ports) != 1 || p.Spec.Containers[0].Ports[0].Name != "http" ||
+		len(p.Spec.InitContainers) != 1 || p.Spec.InitContainers[0].Name != "side" {
+		t.Errorf("trim lost what policy reads: %+v", p)
+	}
+	again, _ := trim(p)
+	if relevantChange(p, again) {
+		t.Error("trim is not idempotent")
+	}
+	moved := in.DeepCopy()
+	moved.Status.Conditions = append(moved.Status.Conditions, corev1.PodCondition{Type: corev1.ContainersReady})
+	moved.ResourceVersion = "4"
+	m2, _ := trim(moved)
+	if relevantChange(p, m2) {
+		t.Error("a condition-only update counted as a change")
+	}
+	moved.Labels = map[string]string{"x": "z"}
+	m3, _ := trim(moved)
+	if !relevantChange(p, m3) {
+		t.Error("a label change not counted")
+	}
+}
