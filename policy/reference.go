@@ -20,21 +20,9 @@ import (
 // pod IPs too; egress is judged only for local source pods and ingress only for local
 // destination pods.
 func ReferenceDecide(st *State, opt Options, f Flow) Verdict {
-	src := refOwner(st, f.Src)
-	dst := refOwner(st, f.Dst)
-
-	egressJudged := src != nil && refLocal(src, opt)
-	ingressJudged := dst != nil && refLocal(dst, opt)
-
-	var egressIsolated, egressAllowed bool
-	if egressJudged {
-		egressIsolated, egressAllowed = refSide(st, src, networkingv1.PolicyTypeEgress, f.Dst, dst, f)
-	}
-	var ingressIsolated, ingressAllowed bool
-	if ingressJudged {
-		ingressIsolated, ingressAllowed = refSide(st, dst, networkingv1.PolicyTypeIngress, f.Src, src, f)
-	}
-
+	eg, in := referenceSides(st, opt, f)
+	egressIsolated, egressAllowed := len(eg.isolating) > 0, len(eg.matched) > 0
+	ingressIsolated, ingressAllowed := len(in.isolating) > 0, len(in.matched) > 0
 	switch {
 	case egressIsolated && !egressAllowed:
 		return Verdict{Allowed: false, Reason: ReasonEgress}
@@ -46,12 +34,34 @@ func ReferenceDecide(st *State, opt Options, f Flow) Verdict {
 	return Verdict{Allowed: true, Reason: ReasonUnisolated}
 }
 
-// refSide judges one direction for pod: isolated reports whether any policy selecting pod has
-// dir among its (defaulted) policyTypes; allowed whether some rule of those policies admits the
-// peer (peerAddr, which is peerPod when the address belongs to a pod) on f's protocol and port.
-// The destination pod, against which named ports resolve, is pod for ingress and peerPod for
-// egress.
-func refSide(st *State, pod *corev1.Pod, dir networkingv1.PolicyType, peerAddr netip.Addr, peerPod *corev1.Pod, f Flow) (isolated, allowed bool) {
+// refSideResult is one direction as the reference sees it: whether this node judges it, the
+// policies (namespace/name) isolating the pod in this direction, and every rule that admits
+// the flow (Peer and Port left at -1: only the rule is identified).
+type refSideResult struct {
+	judged    bool
+	isolating []string
+	matched   []RuleRef
+}
+
+// referenceSides judges egress at the source and ingress at the destination.
+func referenceSides(st *State, opt Options, f Flow) (egress, ingress refSideResult) {
+	src := refOwner(st, f.Src)
+	dst := refOwner(st, f.Dst)
+	if src != nil && refLocal(src, opt) {
+		egress = refSide(st, src, networkingv1.PolicyTypeEgress, f.Dst, dst, f)
+	}
+	if dst != nil && refLocal(dst, opt) {
+		ingress = refSide(st, dst, networkingv1.PolicyTypeIngress, f.Src, src, f)
+	}
+	return egress, ingress
+}
+
+// refSide judges one direction for pod: which policies selecting pod have dir among their
+// (defaulted) policyTypes, and which of their rules admit the peer (peerAddr, which is peerPod
+// when the address belongs to a pod) on f's protocol and port. The destination pod, against
+// which named ports resolve, is pod for ingress and peerPod for egress.
+func refSide(st *State, pod *corev1.Pod, dir networkingv1.PolicyType, peerAddr netip.Addr, peerPod *corev1.Pod, f Flow) refSideResult {
+	res := refSideResult{judged: true}
 	dstPod := pod
 	if dir == networkingv1.PolicyTypeEgress {
 		dstPod = peerPod
@@ -67,22 +77,23 @@ func refSide(st *State, pod *corev1.Pod, dir networkingv1.PolicyType, peerAddr n
 		if !refHasType(np, dir) {
 			continue
 		}
-		isolated = true
+		name := np.Namespace + "/" + np.Name
+		res.isolating = append(res.isolating, name)
 		if dir == networkingv1.PolicyTypeIngress {
-			for _, rule := range np.Spec.Ingress {
+			for r, rule := range np.Spec.Ingress {
 				if refPeersMatch(st, np.Namespace, rule.From, peerAddr, peerPod) && refPortsMatch(rule.Ports, dstPod, f) {
-					allowed = true
+					res.matched = append(res.matched, RuleRef{Policy: name, Direction: Ingress, Rule: r, Peer: -1, Port: -1})
 				}
 			}
 		} else {
-			for _, rule := range np.Spec.Egress {
+			for r, rule := range np.Spec.Egress {
 				if refPeersMatch(st, np.Namespace, rule.To, peerAddr, peerPod) && refPortsMatch(rule.Ports, dstPod, f) {
-					allowed = true
+					res.matched = append(res.matched, RuleRef{Policy: name, Direction: Egress, Rule: r, Peer: -1, Port: -1})
 				}
 			}
 		}
 	}
-	return isolated, allowed
+	return res
 }
 
 // refHasType applies the API server's defaulting of policyTypes when the field is empty: every

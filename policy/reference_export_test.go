@@ -11,3 +11,16 @@ func RefOwner(st *State, opt Options, addr netip.Addr) (ref PodRef, local, ok bo
 	}
 	return PodRef{Namespace: p.Namespace, Name: p.Name}, refLocal(p, opt), true
 }
+
+// RefSide is one direction as the reference judges it.
+type RefSide struct {
+	Judged    bool
+	Isolating []string
+	Matched   []RuleRef // Peer and Port are -1: only policy, direction and rule are compared
+}
+
+// RefSides exposes the reference's per-direction findings, to check Explain in detail.
+func RefSides(st *State, opt Options, f Flow) (egress, ingress RefSide) {
+	e, i := referenceSides(st, opt, f)
+	return RefSide{e.judged, e.isolating, e.matched}, RefSide{i.judged, i.isolating, i.matched}
+}
