@@ -483,11 +483,14 @@ func CleanupRules(log *slog.Logger) error {
 }
 
 // lockRules takes an exclusive flock shared by every sluice process on the machine. Rule
-// changes take milliseconds, so the wait is short even across network namespaces.
+// changes take milliseconds, so the wait is short even across network namespaces. Where the
+// lock file can't be created (a read-only /run in a container), changes go ahead unlocked: a
+// double start is then only as safe as iptables' own locking, which beats refusing to start.
 func lockRules() (func(), error) {
 	f, err := os.OpenFile(lockFile, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("rules: open lock %s: %w", lockFile, err)
+		slog.Default().Warn("rules: cannot open the lock file; changing rules without it", "file", lockFile, "err", err)
+		return func() {}, nil
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
 		f.Close()

@@ -23,7 +23,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -208,14 +207,7 @@ func run(sluice, policiesPath string, timeout time.Duration, queueNum int, verbo
 	}
 	defer lab.Close()
 	// Ctrl-C or SIGTERM: remove the lab (and the agent in it) before going.
-	sigc := make(chan os.Signal, 1)
-	signal.Notify(sigc, os.Interrupt, syscall.SIGTERM)
-	go func() {
-		s := <-sigc
-		fmt.Fprintf(os.Stderr, "\ndemo: %v: removing the lab\n", s)
-		lab.Close()
-		os.Exit(130)
-	}()
+	lab.CloseOnSignal(nil)
 
 	app := application()
 	for _, e := range app {

@@ -25,11 +25,13 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 )
 
 // Gateway addresses the node side of every veth owns; pods route everything through them.
@@ -366,6 +368,24 @@ func (l *Lab) Close() error {
 	l.removeMarker()
 	l.log.Info("netlab: lab removed", "lab", l.ID)
 	return errors.Join(errs...)
+}
+
+// CloseOnSignal removes the lab when the process gets SIGINT or SIGTERM, then calls then (nil:
+// exit with status 130). Programs (the demo, the benchmark) call it right after New; tests rely
+// on t.Cleanup instead.
+func (l *Lab) CloseOnSignal(then func()) {
+	c := make(chan os.Signal, 1)
+	signal.Notify(c, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-c
+		fmt.Fprintf(os.Stderr, "%v: removing network lab %s\n", s, l.ID)
+		l.Close()
+		if then != nil {
+			then()
+			return
+		}
+		os.Exit(130)
+	}()
 }
 
 func (l *Lab) addCloser(c io.Closer) error {
