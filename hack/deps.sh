@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Installs the kernel-rule tools the dataplane and its tests need, when missing.
+# Installs the kernel-rule tools the dataplane, the network-namespace lab and their tests need,
+# when missing: iptables (both the nft and the legacy flavour: the rules detect which one a node
+# uses, and the tests exercise both), ipset, conntrack and iproute2 (ip netns).
 set -euo pipefail
 need=()
-command -v iptables >/dev/null 2>&1 || need+=(iptables)
+for cmd in iptables iptables-nft iptables-legacy ip6tables-nft-restore ip6tables-legacy-restore; do
+  command -v "$cmd" >/dev/null 2>&1 || { need+=(iptables); break; }
+done
 command -v ipset >/dev/null 2>&1 || need+=(ipset)
 command -v conntrack >/dev/null 2>&1 || need+=(conntrack)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
