@@ -55,7 +55,7 @@ func Load(r io.Reader, name string) (*State, []string, error) {
 	docs := splitDocuments(data)
 	n := 0
 	for _, d := range docs {
-		j, err := yaml.YAMLToJSONStrict(d.data)
+		j, err := toJSON(d.data)
 		if err != nil {
 			n++
 			l.fail(origin{doc: n, line: d.line, item: -1}, fmt.Errorf("invalid YAML: %s", absoluteLines(err.Error(), d.line)))
@@ -93,6 +93,16 @@ func Load(r io.Reader, name string) (*State, []string, error) {
 	}
 	l.notes = append(l.notes, l.stateNotes()...)
 	return l.st, l.notes, nil
+}
+
+// toJSON converts one YAML document to JSON. JSON input (kubectl get -o json) skips the YAML
+// parser, which costs several times the JSON decode; duplicate keys are caught by the strict
+// decode either way.
+func toJSON(doc []byte) ([]byte, error) {
+	if t := bytes.TrimSpace(doc); len(t) > 0 && t[0] == '{' && json.Valid(t) {
+		return t, nil
+	}
+	return yaml.YAMLToJSONStrict(doc)
 }
 
 // origin says where an object came from, for messages.
@@ -194,6 +204,11 @@ func (l *loader) document(j []byte, o origin) {
 	}
 	var h header
 	_ = json.Unmarshal(j, &h) // best effort: only used to name the object
+	l.dispatch(j, o, h)
+}
+
+// dispatch handles one object whose header has been read.
+func (l *loader) dispatch(j []byte, o origin, h header) {
 	o.kind, o.ns, o.name = h.Kind, h.Metadata.Namespace, h.Metadata.Name
 	if h.Kind == "" {
 		l.fail(o, errors.New("kind is required (Namespace, Pod, NetworkPolicy or List)"))
@@ -243,7 +258,8 @@ func (l *loader) list(j []byte, o origin, elemAPIVersion, elemKind string) {
 		var h header
 		_ = json.Unmarshal(item, &h)
 		if h.Kind == "" && elemKind != "" {
-			// The API server omits apiVersion and kind on the items of a typed list.
+			// The API server omits apiVersion and kind on the items of a typed list; the typed
+			// decode does not need them.
 			h.Kind, h.APIVersion = elemKind, elemAPIVersion
 		}
 		if elemKind != "" && h.Kind != elemKind {
@@ -251,29 +267,8 @@ func (l *loader) list(j []byte, o origin, elemAPIVersion, elemKind string) {
 			l.fail(itemOrigin, fmt.Errorf("a %s may hold only %s objects", o.kind, elemKind))
 			continue
 		}
-		l.document(withKind(item, h), itemOrigin)
+		l.dispatch(item, itemOrigin, h)
 	}
-}
-
-// withKind returns item with apiVersion and kind set from h when it lacks them.
-func withKind(item []byte, h header) []byte {
-	var probe struct {
-		Kind string `json:"kind"`
-	}
-	if json.Unmarshal(item, &probe) == nil && probe.Kind != "" {
-		return item
-	}
-	var m map[string]json.RawMessage
-	if err := json.Unmarshal(item, &m); err != nil {
-		return item // the strict decode will report it
-	}
-	m["kind"], _ = json.Marshal(h.Kind)
-	m["apiVersion"], _ = json.Marshal(h.APIVersion)
-	out, err := json.Marshal(m)
-	if err != nil {
-		return item
-	}
-	return out
 }
 
 func (l *loader) object(j []byte, o origin, h header) {

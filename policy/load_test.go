@@ -1,7 +1,9 @@
 package policy
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +11,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	"sigs.k8s.io/yaml"
 )
 
 func TestLoadMultiDocument(t *testing.T) {
@@ -346,6 +349,101 @@ func TestLoadDeployExamples(t *testing.T) {
 		}
 		if _, _, err := LoadFile(f); err != nil {
 			t.Errorf("%v", err)
+		}
+	}
+}
+
+// genStateYAML writes a kubectl-like state of pods pods and policies policies as multi-document
+// YAML, for BenchmarkLoad.
+func genStateYAML(pods, policies int) []byte {
+	var b strings.Builder
+	nss := max(1, policies/20)
+	for n := 0; n < nss; n++ {
+		fmt.Fprintf(&b, "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns-%d\n  labels: {team: t%d}\n", n, n%7)
+	}
+	for i := 0; i < pods; i++ {
+		fmt.Fprintf(&b, `---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: pod-%d
+  namespace: ns-%d
+  labels: {app: app-%d, tier: t%d}
+  resourceVersion: "%d"
+spec:
+  nodeName: node-%d
+  containers:
+  - name: c
+    image: img
+    ports:
+    - {name: http, containerPort: 8080}
+status:
+  phase: Running
+  podIP: 10.%d.%d.%d
+  podIPs: [{ip: 10.%d.%d.%d}]
+`, i, i%nss, i%50, i%3, i, i%10, i>>16&255, i>>8&255, i&255, i>>16&255, i>>8&255, i&255)
+	}
+	for i := 0; i < policies; i++ {
+		fmt.Fprintf(&b, `---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: np-%d, namespace: ns-%d}
+spec:
+  podSelector: {matchLabels: {app: app-%d}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector: {matchExpressions: [{key: tier, operator: In, values: [t0, t1]}]}
+    - namespaceSelector: {matchLabels: {team: t%d}}
+    - ipBlock: {cidr: 172.16.0.0/12, except: [172.16.1.0/24]}
+    ports: [{port: 8080}, {port: http}, {port: 9000, endPort: 9100, protocol: UDP}]
+  egress:
+  - to: [{podSelector: {}}]
+    ports: [{port: 53, protocol: UDP}]
+`, i, i%nss, i%50, i%7)
+	}
+	return []byte(b.String())
+}
+
+// BenchmarkLoad times reading, defaulting and validating a state file (the file source re-reads
+// it on every change).
+func BenchmarkLoad(b *testing.B) {
+	for _, n := range []int{100, 1000} {
+		data := genStateYAML(5*n, n)
+		b.Run(fmt.Sprintf("policies=%d,pods=%d", n, 5*n), func(b *testing.B) {
+			b.SetBytes(int64(len(data)))
+			for b.Loop() {
+				if _, _, err := Load(bytes.NewReader(data), "bench.yaml"); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// kubectl get -o json output takes the JSON path; it must read the same and stay strict.
+func TestLoadJSON(t *testing.T) {
+	y, err := os.ReadFile("testdata/kubectl-list.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := yaml.YAMLToJSON(y)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, notes, err := Load(bytes.NewReader(j), "dump.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := [3]int{len(st.Namespaces), len(st.Pods), len(st.Policies)}; got != [3]int{2, 2, 1} || len(notes) != 1 {
+		t.Errorf("namespaces, pods, policies = %v, notes %q", got, notes)
+	}
+	for _, tc := range []struct{ in, want string }{
+		{`{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"a"},"metadata":{"name":"b"}}`, `duplicate field "metadata"`},
+		{`{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"a","labelz":{}}}`, `unknown field "metadata.labelz"`},
+	} {
+		if _, _, err := Load(strings.NewReader(tc.in), "x.json"); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want %q", tc.in, err, tc.want)
 		}
 	}
 }
