@@ -32,25 +32,25 @@ const (
 
 var verdictNames = [numVerdicts]string{"accept", "drop", "audit-drop"}
 
-// Metrics are the agent's Prometheus metrics. Every per-packet counter is resolved once here so
+// Metrics are the agent's Prometheus metrics (compile time and propagation are the watch
+// package's sluice_watch_* metrics, registered on the same registry by the agent). Every per-packet counter is resolved once here so
 // that counting a packet is an atomic add, not a label lookup.
 type Metrics struct {
 	Registry *prometheus.Registry
 
-	packets        [numVerdicts][numCauses]prometheus.Counter
-	latency        prometheus.Histogram
-	cacheHits      prometheus.Counter
-	cacheMisses    prometheus.Counter
-	enobufs        prometheus.Counter
-	recvErrors     prometheus.Counter
-	verdictErrors  prometheus.Counter
-	logDropped     prometheus.Counter
-	generation     prometheus.Gauge
-	snapshots      prometheus.Counter
-	compileSeconds prometheus.Gauge
-	cut            prometheus.Counter
-	cutErrors      prometheus.Counter
-	stalled        prometheus.Gauge
+	packets       [numVerdicts][numCauses]prometheus.Counter
+	latency       prometheus.Histogram
+	cacheHits     prometheus.Counter
+	cacheMisses   prometheus.Counter
+	enobufs       prometheus.Counter
+	recvErrors    prometheus.Counter
+	verdictErrors prometheus.Counter
+	logDropped    prometheus.Counter
+	generation    prometheus.Gauge
+	snapshots     prometheus.Counter
+	cut           prometheus.Counter
+	cutErrors     prometheus.Counter
+	stalled       prometheus.Gauge
 }
 
 // NewMetrics registers sluice's metrics (and the Go runtime's) on a fresh registry.
@@ -86,19 +86,15 @@ func NewMetrics() *Metrics {
 	m.logDropped = c("sluice_log_lines_dropped_total", "Verdict log lines dropped because the log writer fell behind.")
 	m.generation = g("sluice_snapshot_generation", "Generation of the policy snapshot in use.")
 	m.snapshots = c("sluice_snapshots_total", "Policy snapshots received.")
-	m.compileSeconds = g("sluice_snapshot_compile_seconds", "Time to compile the last policy snapshot, when the source reports it.")
 	m.cut = c("sluice_conntrack_cut_total", "Established connections cut because a new snapshot denies them.")
 	m.cutErrors = c("sluice_conntrack_cut_errors_total", "Failed conntrack dumps or deletes.")
 	m.stalled = g("sluice_stalled_workers", "Queue workers that made no progress with packets waiting.")
 	r.MustRegister(pk, m.latency, m.cacheHits, m.cacheMisses, m.enobufs, m.recvErrors,
-		m.verdictErrors, m.logDropped, m.generation, m.snapshots, m.compileSeconds, m.cut,
+		m.verdictErrors, m.logDropped, m.generation, m.snapshots, m.cut,
 		m.cutErrors, m.stalled, queueStats{},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
-
-// ObserveCompile records how long the last snapshot took to compile.
-func (m *Metrics) ObserveCompile(d time.Duration) { m.compileSeconds.Set(d.Seconds()) }
 
 // Serve exposes /metrics, /healthz and /readyz on addr until ctx ends. health and ready
 // return nil when fine, or the reason they are not.

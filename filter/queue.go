@@ -31,10 +31,11 @@ const (
 )
 
 // FlowRecorder mirrors decided flows into the kernel so later connections skip the queue (the
-// ipset offload). Record must not block.
+// ipset offload, *Offload). RecordGen must not block; FlushGen empties the kernel's copy when a
+// new snapshot takes over, and drops verdicts of older generations still on their way.
 type FlowRecorder interface {
-	Record(f policy.Flow, allowed bool)
-	Flush()
+	RecordGen(gen uint64, f policy.Flow, allowed bool)
+	FlushGen(gen uint64) error
 }
 
 // Config configures the packet path.
@@ -136,7 +137,9 @@ func (d *Dataplane) Publish(s *policy.Snapshot) {
 	d.m.generation.Set(float64(s.Generation()))
 	d.m.snapshots.Inc()
 	if d.cfg.Offload != nil {
-		d.cfg.Offload.Flush()
+		if err := d.cfg.Offload.FlushGen(s.Generation()); err != nil {
+			d.log.Error("flushing offloaded verdicts failed; old verdicts may survive until their timeout", "err", err)
+		}
 	}
 	if old != nil && d.cfg.CutEstablished {
 		select {
@@ -347,7 +350,7 @@ func (w *worker) handle(data []byte, now int64) bool {
 	}
 	d.m.packets[verdict][j.cause].Inc()
 	if j.fromPolicy && d.cfg.Offload != nil && (j.accept || !d.cfg.Audit) {
-		d.cfg.Offload.Record(p.Flow, j.accept)
+		d.cfg.Offload.RecordGen(s.Generation(), p.Flow, j.accept)
 	}
 	if verdict != verdictAccept || (w.debug && j.cause != CauseTracked) {
 		if ok, suppressed := w.lim.allow(p.Flow, now); ok {
