@@ -339,3 +339,21 @@ func TestDeployExamplesThreeTier(t *testing.T) {
 		t.Errorf("lint: exit %d: %s", code, errOut)
 	}
 }
+
+// Dual-stack pods meet in a family both have; pods without one are marked "-".
+func TestMatrixDualStack(t *testing.T) {
+	out, errOut, code := runCLI(t, "matrix", "--state", "testdata/dualstack.yaml", "--ports", "443/TCP")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	// b6 admits only a on 443, a reaches it over IPv6; c4 (IPv4 only) and b6 share no family.
+	want := `Reachability 443/TCP (rows: from, columns: to; . allowed, X denied, - no common IP family): 6 of 9 allowed
+-     ds/a ds/b6 ds/c4
+ds/a  .    .     .
+ds/b6 .    X     -
+ds/c4 .    -     .
+`
+	if out != want {
+		t.Errorf("got:\n%s\nwant:\n%s", out, want)
+	}
+}

@@ -39,7 +39,8 @@ func newMatrixCmd() *cobra.Command {
 		Short: "Print the pod-to-pod reachability grid, one per port",
 		Long: `matrix prints, for each port, which pods may open a connection to which: rows are sources,
 columns destinations, "." allowed and "X" denied (as the upstream Kubernetes e2e network policy
-tests print their truth tables). Each pod stands for its primary address. Every pod is judged as
+tests print their truth tables). Each pod stands for its primary address (its address of the other pod's family when they
+differ; "-" when they share none). Every pod is judged as
 local, so both the source's egress and the destination's ingress count.
 
 Without --ports, the ports are every distinct numeric port the policies and the pods' container
@@ -167,8 +168,9 @@ func statePorts(st *policy.State, limit int) (out []portProto, more int) {
 }
 
 type matrixPod struct {
-	Name string     `json:"name"` // namespace/pod
-	IP   netip.Addr `json:"ip"`
+	Name  string       `json:"name"` // namespace/pod
+	IP    netip.Addr   `json:"ip"`   // primary address
+	addrs []netip.Addr // primary first
 }
 
 func matrixPods(st *policy.State, namespaces []string) []matrixPod {
@@ -178,17 +180,39 @@ func matrixPods(st *policy.State, namespaces []string) []matrixPod {
 		if !policy.Participates(p) || len(namespaces) > 0 && !slices.Contains(namespaces, p.Namespace) {
 			continue
 		}
-		out = append(out, matrixPod{Name: p.Namespace + "/" + p.Name, IP: policy.PodAddrs(p)[0]})
+		addrs := policy.PodAddrs(p)
+		out = append(out, matrixPod{Name: p.Namespace + "/" + p.Name, IP: addrs[0], addrs: addrs})
 	}
 	slices.SortFunc(out, func(a, b matrixPod) int { return cmp.Compare(a.Name, b.Name) })
 	return out
 }
 
 type reachability struct {
-	Port    string     `json:"port"`
-	Allowed [][]bool   `json:"allowed"` // [from][to]
-	Reasons [][]string `json:"reasons"` // policy.Reason words: unisolated, rule, egress-denied, ingress-denied
+	Port    string   `json:"port"`
+	Allowed [][]bool `json:"allowed"` // [from][to]
+	// Reasons holds policy.Reason words (unisolated, rule, egress-denied, ingress-denied), or
+	// no-common-family when the two pods share no IP family.
+	Reasons [][]string `json:"reasons"`
 	Count   int        `json:"allowedCount"`
+}
+
+const noCommonFamily = "no-common-family"
+
+// flowAddrs picks one address per pod of the same family: the source's primary and the
+// destination's address of that family, else the destination's primary and the source's
+// address of that family.
+func flowAddrs(from, to matrixPod) (netip.Addr, netip.Addr, bool) {
+	for _, d := range to.addrs {
+		if d.Is4() == from.IP.Is4() {
+			return from.IP, d, true
+		}
+	}
+	for _, s := range from.addrs {
+		if s.Is4() == to.IP.Is4() {
+			return s, to.IP, true
+		}
+	}
+	return netip.Addr{}, netip.Addr{}, false
 }
 
 type matrix struct {
@@ -205,12 +229,12 @@ func buildMatrix(snap *policy.Snapshot, pods []matrixPod, pps []portProto) *matr
 			r.Allowed[i] = make([]bool, len(pods))
 			r.Reasons[i] = make([]string, len(pods))
 			for j, to := range pods {
-				v := policy.Verdict{}
-				if from.IP.Is4() == to.IP.Is4() {
-					v = snap.Decide(policy.Flow{Src: from.IP, Dst: to.IP, Proto: pp.Proto, Port: pp.Port})
-				} else {
-					v.Reason = policy.ReasonEgress // no route between families; shown as denied
+				src, dst, ok := flowAddrs(from, to)
+				if !ok {
+					r.Reasons[i][j] = noCommonFamily
+					continue
 				}
+				v := snap.Decide(policy.Flow{Src: src, Dst: dst, Proto: pp.Proto, Port: pp.Port})
 				r.Allowed[i][j] = v.Allowed
 				r.Reasons[i][j] = v.Reason.String()
 				if v.Allowed {
@@ -224,11 +248,23 @@ func buildMatrix(snap *policy.Snapshot, pods []matrixPod, pps []portProto) *matr
 	return m
 }
 
-func cell(ok bool) string {
-	if ok {
+func (r *reachability) cell(i, j int) string {
+	switch {
+	case r.Allowed[i][j]:
 		return "."
+	case r.Reasons[i][j] == noCommonFamily:
+		return "-"
 	}
 	return "X"
+}
+
+func (r *reachability) legend() string {
+	for _, row := range r.Reasons {
+		if slices.Contains(row, noCommonFamily) {
+			return ". allowed, X denied, - no common IP family"
+		}
+	}
+	return ". allowed, X denied"
 }
 
 func (m *matrix) text(w io.Writer) error {
@@ -236,7 +272,7 @@ func (m *matrix) text(w io.Writer) error {
 		if k > 0 {
 			fmt.Fprintln(w)
 		}
-		fmt.Fprintf(w, "Reachability %s (rows: from, columns: to; . allowed, X denied): %d of %d allowed\n", r.Port, r.Count, len(m.Pods)*len(m.Pods))
+		fmt.Fprintf(w, "Reachability %s (rows: from, columns: to; %s): %d of %d allowed\n", r.Port, r.legend(), r.Count, len(m.Pods)*len(m.Pods))
 		tw := tabwriter.NewWriter(w, 0, 4, 1, ' ', 0)
 		fmt.Fprint(tw, "-")
 		for _, p := range m.Pods {
@@ -246,7 +282,7 @@ func (m *matrix) text(w io.Writer) error {
 		for i, p := range m.Pods {
 			fmt.Fprint(tw, p.Name)
 			for j := range m.Pods {
-				fmt.Fprint(tw, "\t"+cell(r.Allowed[i][j]))
+				fmt.Fprint(tw, "\t"+r.cell(i, j))
 			}
 			fmt.Fprintln(tw)
 		}
@@ -262,7 +298,7 @@ func (m *matrix) markdown(w io.Writer) {
 		if k > 0 {
 			fmt.Fprintln(w)
 		}
-		fmt.Fprintf(w, "### %s\n\n%d of %d allowed; rows: from, columns: to; `.` allowed, `X` denied.\n\n", r.Port, r.Count, len(m.Pods)*len(m.Pods))
+		fmt.Fprintf(w, "### %s\n\n%d of %d allowed; rows: from, columns: to; %s.\n\n", r.Port, r.Count, len(m.Pods)*len(m.Pods), r.legend())
 		fmt.Fprint(w, "| from \\ to |")
 		for _, p := range m.Pods {
 			fmt.Fprintf(w, " %s |", p.Name)
@@ -275,7 +311,7 @@ func (m *matrix) markdown(w io.Writer) {
 		for i, p := range m.Pods {
 			fmt.Fprintf(w, "| %s |", p.Name)
 			for j := range m.Pods {
-				fmt.Fprintf(w, " %s |", cell(r.Allowed[i][j]))
+				fmt.Fprintf(w, " %s |", r.cell(i, j))
 			}
 			fmt.Fprintln(w)
 		}
