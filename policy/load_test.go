@@ -34,6 +34,13 @@ func TestLoadMultiDocument(t *testing.T) {
 			t.Errorf("policy %s not loaded (have %v)", want, names)
 		}
 	}
+	// An explicit empty List is an empty state; input without any document is an error.
+	if st, _, err := Load(strings.NewReader("apiVersion: v1\nkind: List\nitems: []\n"), "none.yaml"); err != nil || len(st.Pods)+len(st.Namespaces)+len(st.Policies) != 0 {
+		t.Errorf("empty List: %v, %+v", err, st)
+	}
+	if _, _, err := Load(strings.NewReader(""), "empty.yaml"); err == nil {
+		t.Error("empty input loaded as an empty state")
+	}
 	// The comment-only document between the pods and the policies must not count.
 	if _, _, err := Load(strings.NewReader("# only a comment\n---\n---\n"), "empty.yaml"); err == nil || !strings.Contains(err.Error(), "no objects") {
 		t.Errorf("comment-only input: err = %v, want a 'no objects' error", err)
