@@ -126,7 +126,10 @@ func (h *harness) start(ctx context.Context, c config) (*active, error) {
 		}
 		a.metrics = "127.0.0.1:9477"
 		args := []string{"agent", "--state", state, "--queue-num", strconv.Itoa(firstQueue),
-			"--queues", strconv.Itoa(c.Queues), "--mode", c.Mode, "--metrics-addr", a.metrics}
+			"--queues", strconv.Itoa(c.Queues), "--mode", c.Mode, "--metrics-addr", a.metrics,
+			// Like the bare loop: a full queue drops, so every packet counted went through
+			// the reader. New TCP connections never fill it (one SYN per client in flight).
+			"--fail-open=false"}
 		if c.Offload {
 			args = append(args, "--offload")
 		}

@@ -428,6 +428,7 @@ func (h *harness) step(ctx context.Context, st step, round int) {
 			h.progress("agent metrics for %s: %v", st.cfg.label(), err)
 		} else {
 			h.agentHist[st.cfg.label()] = hs
+			h.progress("  agent %s: %d samples, mean %.1fµs p50 %.1fµs p99 %.1fµs", hs.Metric, hs.Count, hs.MeanUs, hs.P50us, hs.P99us)
 		}
 	}
 }
