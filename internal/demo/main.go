@@ -185,6 +185,9 @@ func main() {
 	os.Exit(code)
 }
 
+// lastLabID names the lab of the latest run, for the test to check that it is gone.
+var lastLabID string
+
 func run(sluice, policiesPath string, timeout time.Duration, queueNum int, verbose bool) (int, error) {
 	if os.Geteuid() != 0 {
 		return 1, errors.New("the demo builds network namespaces and kernel rules: run it as root")
@@ -206,6 +209,7 @@ func run(sluice, policiesPath string, timeout time.Duration, queueNum int, verbo
 		return 1, err
 	}
 	defer lab.Close()
+	lastLabID = lab.ID
 	// Ctrl-C or SIGTERM: remove the lab (and the agent in it) before going.
 	lab.CloseOnSignal(nil)
 
