@@ -71,7 +71,7 @@ The exit status is 0 whether the flow is allowed or not; -o json prints one obje
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&statePath, "state", "", "state file: multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
+	f.StringVar(&statePath, "state", "", "state file (- for stdin): multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
 	f.StringVar(&from, "from", "", "source: namespace/pod or an IP address")
 	f.StringVar(&to, "to", "", "destination: namespace/pod or an IP address")
 	f.StringVar(&port, "port", "", "destination port and protocol, e.g. 8080/TCP, 53/UDP")

@@ -80,7 +80,7 @@ Bad input exits 2, like every command.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&statePath, "state", "", "state file: multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
+	f.StringVar(&statePath, "state", "", "state file (- for stdin): multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
 	f.StringVarP(&output, "output", "o", "text", "output format: text or json")
 	f.BoolVar(&strict, "strict", false, "exit 1 when there is at least one warning")
 	_ = cmd.MarkFlagRequired("state")

@@ -272,6 +272,33 @@ func TestLintCmd(t *testing.T) {
 	}
 }
 
+func TestStateFromStdin(t *testing.T) {
+	in, err := os.ReadFile(threeTier)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := newRootCmd()
+	var out, errb bytes.Buffer
+	root.SetArgs([]string{"explain", "--state", "-", "--from", "production/frontend", "--to", "production/backend", "--port", "8080/TCP", "-o", "json"})
+	root.SetIn(bytes.NewReader(in))
+	root.SetOut(&out)
+	root.SetErr(&errb)
+	if err := root.Execute(); err != nil {
+		t.Fatalf("%v (%s)", err, errb.String())
+	}
+	if !strings.Contains(out.String(), `"allowed": true`) {
+		t.Errorf("stdin state: %s", out.String())
+	}
+	root = newRootCmd()
+	root.SetArgs([]string{"lint", "--state", "-"})
+	root.SetIn(strings.NewReader("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: x}\n"))
+	root.SetOut(&out)
+	root.SetErr(&errb)
+	if err := root.Execute(); err == nil || !strings.Contains(err.Error(), "<stdin>: document 1 (Pod p, line 1): status.podIP") {
+		t.Errorf("bad stdin: %v", err)
+	}
+}
+
 func TestVersion(t *testing.T) {
 	out, _, code := runCLI(t, "version")
 	if code != 0 || !strings.HasPrefix(out, "sluice dev\ngo: go1.") {

@@ -101,7 +101,7 @@ ports mention (at most 8, lowest first), or 80/TCP when there are none.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&statePath, "state", "", "state file: multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
+	f.StringVar(&statePath, "state", "", "state file (- for stdin): multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
 	f.StringVar(&ports, "ports", "", "comma-separated PORT/PROTO list, e.g. 80/TCP,53/UDP (default: the ports the state mentions)")
 	f.StringVarP(&output, "output", "o", "text", "output format: text, json or markdown")
 	f.StringSliceVar(&namespaces, "namespace", nil, "only pods of these namespaces (repeatable or comma-separated)")

@@ -40,13 +40,23 @@ any other failure.`,
 	return root
 }
 
-// loadState reads a state file, printing its notes (ignored kinds and the like) on stderr so
+// loadState reads a state file ("-" for standard input), printing its notes (ignored kinds and the like) on stderr so
 // that stdout stays machine-readable.
 func loadState(cmd *cobra.Command, path string) (*policy.State, error) {
 	if path == "" {
 		return nil, fmt.Errorf("--state FILE is required (e.g. from kubectl get pods,namespaces,networkpolicies -A -o yaml)")
 	}
-	st, notes, err := policy.LoadFile(path)
+	var (
+		st    *policy.State
+		notes []string
+		err   error
+	)
+	if path == "-" {
+		// kubectl get pods,namespaces,networkpolicies -A -o yaml | sluice lint --state -
+		st, notes, err = policy.Load(cmd.InOrStdin(), "<stdin>")
+	} else {
+		st, notes, err = policy.LoadFile(path)
+	}
 	for _, n := range notes {
 		fmt.Fprintln(cmd.ErrOrStderr(), "note:", n)
 	}
