@@ -20,8 +20,8 @@ func (s *Snapshot) Explain(f Flow) Explanation {
 		Protocol:    f.Proto.String(),
 		Port:        f.Port,
 	}
-	si, srcPod := s.byIP[f.Src]
-	di, dstPod := s.byIP[f.Dst]
+	si, srcPod := s.lookup(f.Src)
+	di, dstPod := s.lookup(f.Dst)
 	e.Egress = s.side(Egress, f, si, srcPod, di, dstPod)
 	e.Ingress = s.side(Ingress, f, di, dstPod, si, srcPod)
 	return e
@@ -29,7 +29,7 @@ func (s *Snapshot) Explain(f Flow) Explanation {
 
 func (s *Snapshot) endpoint(ip netip.Addr) Endpoint {
 	ep := Endpoint{IP: ip}
-	if i, ok := s.byIP[ip]; ok {
+	if i, ok := s.lookup(ip); ok {
 		p := &s.pods[i]
 		ref := p.ref
 		ep.Pod, ep.Local, ep.Node = &ref, p.local, p.node
@@ -62,9 +62,9 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 	if !p.local {
 		return Side{Allowed: true, Why: fmt.Sprintf("%s runs on node %q; its %s is enforced there", p.ref, p.node, word)}
 	}
-	rules, by := p.ingress, p.ingressBy
+	rules, by := s.hot[self].ingress, p.ingressBy
 	if dir == Egress {
-		rules, by = p.egress, p.egressBy
+		rules, by = s.hot[self].egress, p.egressBy
 	}
 	sd := Side{Enforced: true, Isolated: len(by) > 0}
 	if !sd.Isolated {
@@ -81,7 +81,7 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 		dst, dstPod = self, true
 	}
 	peerName := s.Describe(peerIP)
-	for _, ri := range rules {
+	for _, ri := range s.ruleIdx[rules.lo:rules.hi] {
 		r := &s.rules[ri]
 		ref := RuleRef{Policy: s.policies[r.policy].name, Direction: dir, Rule: r.index}
 		at := fmt.Sprintf("%s %s rule %d", ref.Policy, word, r.index)
@@ -104,7 +104,7 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 	case sd.Allowed:
 		m := sd.MatchedBy[0]
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s; %s %s rule %d allows %s on %s/%d", p.ref, word, policies, m.Policy, word, m.Rule, peerName, f.Proto, f.Port)
-	case len(rules) == 0:
+	case rules.lo == rules.hi:
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s, which allow no %s at all", p.ref, word, policies, word)
 	default:
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s and no %s rule allows %s on %s/%d", p.ref, word, policies, word, peerName, f.Proto, f.Port)

@@ -10,16 +10,23 @@ import (
 // Compile and safe for concurrent use without locks.
 //
 // Layout, chosen so that Decide touches few cache lines and never allocates:
-//   - byIP maps every participating pod address to its pod (one map lookup per end);
-//   - each pod carries the indexes of the rules that apply to it, per direction, gathered from
-//     the policies that select it, so Decide never scans unrelated policies;
+//   - by4 and by6 map every participating pod address to its pod (one map lookup per end,
+//     keyed by the address bytes so the key is small and hashes fast);
+//   - hot holds, per pod, only what Decide reads (28 bytes: locality, isolation and the ranges
+//     of its rules and named ports in two flat arrays), apart from the names and addresses
+//     Explain needs; a pod's rules are those of the policies selecting it, per direction, so
+//     Decide never scans unrelated policies;
 //   - each distinct peer selector is resolved once to a podSet (bitset or sorted list);
 //   - each rule's ipBlocks (cidr minus except, over all its peers) are flattened into one
 //     disjoint prefix set held in a bart.Lite routing table.
 type Snapshot struct {
 	opt      Options
+	by4      map[[4]byte]int32
+	by6      map[[16]byte]int32
+	hot      []podHot
+	ruleIdx  []int32     // podHot ranges index this: indexes into rules
+	ports    []namedPort // podHot.ports ranges index this
 	pods     []cpod
-	byIP     map[netip.Addr]int32
 	rules    []crule
 	policies []cpolicy
 	sets     []podSet
@@ -37,14 +44,28 @@ type Stats struct {
 	PeerSets   int `json:"peerSets"` // distinct peer selectors resolved to pod sets
 }
 
+// span is a half-open range [lo, hi) of a flat array.
+type span struct{ lo, hi uint32 }
+
+// podHot is what Decide reads of a pod.
+type podHot struct {
+	ingress, egress span // into Snapshot.ruleIdx
+	ports           span // into Snapshot.ports
+	flags           uint8
+}
+
+const (
+	podLocal uint8 = 1 << iota
+	podIngressIsolated
+	podEgressIsolated
+)
+
+// cpod is the rest of a pod, for Explain and listings.
 type cpod struct {
 	ref   PodRef
 	node  string
 	local bool
 	ips   []netip.Addr
-	ports []namedPort
-	// Rules (indexes into Snapshot.rules) of the policies selecting this pod, per direction.
-	ingress, egress []int32
 	// Policies (indexes into Snapshot.policies) that isolate this pod, per direction.
 	ingressBy, egressBy []int32
 }
@@ -101,23 +122,20 @@ func (s *Snapshot) Node() string { return s.opt.Node }
 // reason. It never allocates and takes no lock. Addresses must be native (an IPv4 address is
 // not IPv4-mapped IPv6), as they are in packet headers.
 func (s *Snapshot) Decide(f Flow) Verdict {
-	si, srcPod := s.byIP[f.Src]
-	di, dstPod := s.byIP[f.Dst]
+	si, srcPod := s.lookup(f.Src)
+	di, dstPod := s.lookup(f.Dst)
 	isolated := false
-	if srcPod {
-		if p := &s.pods[si]; p.local && len(p.egressBy) > 0 {
-			isolated = true
-			if !s.anyRule(p.egress, f.Dst, di, dstPod, di, dstPod, f) {
-				return Verdict{Allowed: false, Reason: ReasonEgress}
-			}
+	const egress, ingress = podLocal | podEgressIsolated, podLocal | podIngressIsolated
+	if srcPod && s.hot[si].flags&egress == egress {
+		isolated = true
+		if !s.anyRule(s.hot[si].egress, f.Dst, di, dstPod, di, dstPod, f) {
+			return Verdict{Allowed: false, Reason: ReasonEgress}
 		}
 	}
-	if dstPod {
-		if p := &s.pods[di]; p.local && len(p.ingressBy) > 0 {
-			isolated = true
-			if !s.anyRule(p.ingress, f.Src, si, srcPod, di, true, f) {
-				return Verdict{Allowed: false, Reason: ReasonIngress}
-			}
+	if dstPod && s.hot[di].flags&ingress == ingress {
+		isolated = true
+		if !s.anyRule(s.hot[di].ingress, f.Src, si, srcPod, di, true, f) {
+			return Verdict{Allowed: false, Reason: ReasonIngress}
 		}
 	}
 	if isolated {
@@ -126,10 +144,20 @@ func (s *Snapshot) Decide(f Flow) Verdict {
 	return Verdict{Allowed: true, Reason: ReasonUnisolated}
 }
 
+// lookup finds the pod owning a (native) address.
+func (s *Snapshot) lookup(a netip.Addr) (int32, bool) {
+	if a.Is4() {
+		i, ok := s.by4[a.As4()]
+		return i, ok
+	}
+	i, ok := s.by6[a.As16()]
+	return i, ok
+}
+
 // anyRule reports whether one of rules lets the peer (peerIP, and peer pod pi when peerIsPod)
 // through on f's protocol and port; named ports resolve against the destination pod dst.
-func (s *Snapshot) anyRule(rules []int32, peerIP netip.Addr, pi int32, peerIsPod bool, dst int32, dstIsPod bool, f Flow) bool {
-	for _, ri := range rules {
+func (s *Snapshot) anyRule(rules span, peerIP netip.Addr, pi int32, peerIsPod bool, dst int32, dstIsPod bool, f Flow) bool {
+	for _, ri := range s.ruleIdx[rules.lo:rules.hi] {
 		r := &s.rules[ri]
 		if s.portIndex(r, f, dst, dstIsPod) < -1 {
 			continue
@@ -156,7 +184,7 @@ func (s *Snapshot) portIndex(r *crule, f Flow, dst int32, dstIsPod bool) int {
 		case p.anyNum:
 			return p.index
 		case p.name >= 0:
-			if dstIsPod && s.pods[dst].hasNamedPort(p.name, f.Proto, f.Port) {
+			if dstIsPod && s.hasNamedPort(dst, p.name, f.Proto, f.Port) {
 				return p.index
 			}
 		case f.Port >= p.lo && f.Port <= p.hi:
@@ -189,8 +217,9 @@ func (r *crule) peerIndex(s *Snapshot, ip netip.Addr, pi int32, isPod bool) int 
 	return -2
 }
 
-func (p *cpod) hasNamedPort(name int32, proto Protocol, port uint16) bool {
-	for _, np := range p.ports {
+func (s *Snapshot) hasNamedPort(pod int32, name int32, proto Protocol, port uint16) bool {
+	ps := s.hot[pod].ports
+	for _, np := range s.ports[ps.lo:ps.hi] {
 		if np.name == name && np.proto == proto && np.port == port {
 			return true
 		}
@@ -200,7 +229,7 @@ func (p *cpod) hasNamedPort(name int32, proto Protocol, port uint16) bool {
 
 // Pod returns the pod that owns ip, local or not.
 func (s *Snapshot) Pod(ip netip.Addr) (PodRef, bool) {
-	i, ok := s.byIP[ip.Unmap()]
+	i, ok := s.lookup(ip.Unmap())
 	if !ok {
 		return PodRef{}, false
 	}
@@ -220,7 +249,7 @@ func (s *Snapshot) PodIPs(ref PodRef) []netip.Addr {
 
 // IsLocal reports whether ip belongs to a pod on this node.
 func (s *Snapshot) IsLocal(ip netip.Addr) bool {
-	i, ok := s.byIP[ip.Unmap()]
+	i, ok := s.lookup(ip.Unmap())
 	return ok && s.pods[i].local
 }
 
