@@ -45,7 +45,7 @@ func TestDemo(t *testing.T) {
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build ./cmd/sluice: %v\n%s", err, out)
 	}
-	code, err := run(bin, "../../deploy/examples/three-tier.yaml", 1500*time.Millisecond, 100, false)
+	code, err := run(bin, "../../deploy/examples/three-tier.yaml", 3*time.Second, 100, false) // generous: CI runs packages side by side
 	if code != 0 || err != nil {
 		t.Fatalf("demo: exit %d: %v", code, err)
 	}
