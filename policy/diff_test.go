@@ -45,14 +45,44 @@ var (
 	diffProtos     = []corev1.Protocol{corev1.ProtocolTCP, corev1.ProtocolUDP, corev1.ProtocolSCTP}
 	// Pod addresses are drawn from small pools so that ipBlocks cover some of them and two pods
 	// sometimes claim the same address.
-	diffPodV4 = []string{"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.1.7", "10.0.1.8"}
-	diffPodV6 = []string{"fd00::1", "fd00::2", "fd00::3", "fd00::4", "fd00::5", "fd00::1:6", "fd00::1:7", "fd00::1:8"}
+	diffSmall = &diffConfig{
+		minPods: 1, maxPods: 8, maxPolicies: 6, flowsPerCheck: diffFlowsPerCheck,
+		podV4: []string{"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.1.7", "10.0.1.8"},
+		podV6: []string{"fd00::1", "fd00::2", "fd00::3", "fd00::4", "fd00::5", "fd00::1:6", "fd00::1:7", "fd00::1:8"},
+	}
+	// diffLarge: enough pods to cross every word and block boundary an index might have, with
+	// address pools wide enough that most pods own their address.
+	diffLarge = &diffConfig{minPods: 40, maxPods: 160, maxPolicies: 24, flowsPerCheck: 400, podV4: diffPool4(220), podV6: diffPool6(220)}
 	// Addresses that are nobody's: inside and outside the ipBlocks' prefixes.
 	diffOutside = []string{"10.0.0.9", "10.0.2.1", "10.1.0.1", "192.168.1.1", "8.8.8.8", "0.0.0.1",
 		"fd00::9", "fd00::2:1", "fd01::1", "2001:db8::1", "::1"}
 	// Flow ports sit on and next to every port, range end and container port above.
 	diffFlowPorts = []uint16{0, 52, 53, 54, 79, 80, 81, 82, 83, 84, 85, 86, 8079, 8080, 8081, 8084, 8085, 8086, 8090, 8091, 65535}
 )
+
+// diffConfig sizes the random clusters.
+type diffConfig struct {
+	minPods, maxPods int
+	maxPolicies      int
+	flowsPerCheck    int
+	podV4, podV6     []string
+}
+
+func diffPool4(n int) []string {
+	var out []string
+	for i := 1; i <= n; i++ {
+		out = append(out, netip.AddrFrom4([4]byte{10, 0, byte(i / 128), byte(i % 128)}).String())
+	}
+	return out
+}
+
+func diffPool6(n int) []string {
+	var out []string
+	for i := 1; i <= n; i++ {
+		out = append(out, netip.AddrFrom16([16]byte{0xfd, 0, 14: byte(i / 128), 15: byte(i % 128)}).String())
+	}
+	return out
+}
 
 var (
 	diffFlowsChecked atomic.Int64
@@ -76,7 +106,7 @@ func TestDifferential(t *testing.T) {
 	clusters := 0
 	for diffFlowsChecked.Load() < target {
 		rapid.Check(t, func(rt *rapid.T) {
-			diffProperty(rt)
+			diffProperty(rt, diffSmall)
 		})
 		if t.Failed() {
 			break
@@ -91,8 +121,8 @@ func TestDifferential(t *testing.T) {
 	}
 }
 
-func diffProperty(rt *rapid.T) {
-	st := drawState(rt)
+func diffProperty(rt *rapid.T, cfg *diffConfig) {
+	st := drawState(rt, cfg)
 	opt := policy.Options{Node: rapid.SampledFrom([]string{"", "", "node-a", "node-b", "node-c"}).Draw(rt, "node"), Generation: 7}
 	seed := rapid.Uint64().Draw(rt, "flowseed")
 	// The generator writes only what the API server would accept; hold it (and Validate) to
@@ -127,7 +157,7 @@ func diffProperty(rt *rapid.T) {
 	}
 	r := rand.New(rand.NewPCG(seed, 1))
 	ports := diffPorts(st)
-	for i := 0; i < diffFlowsPerCheck; i++ {
+	for i := 0; i < cfg.flowsPerCheck; i++ {
 		f := diffFlow(r, addrs, owned, ports)
 		if msg := diffMismatch(st, opt, snap, f); msg != "" {
 			min := minimize(st, opt, f)
@@ -416,7 +446,7 @@ func drawSelector(rt *rapid.T, label string, nsSelector bool) *metav1.LabelSelec
 	return sel
 }
 
-func drawPod(rt *rapid.T, i int) corev1.Pod {
+func drawPod(rt *rapid.T, cfg *diffConfig, i int) corev1.Pod {
 	p := corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{
 			Namespace: rapid.SampledFrom(diffNamespaces).Draw(rt, "pod.ns"),
@@ -443,8 +473,8 @@ func drawPod(rt *rapid.T, i int) corev1.Pod {
 		}
 		p.Spec.Containers = append(p.Spec.Containers, ctr)
 	}
-	v4 := rapid.SampledFrom(diffPodV4).Draw(rt, "pod.v4")
-	v6 := rapid.SampledFrom(diffPodV6).Draw(rt, "pod.v6")
+	v4 := rapid.SampledFrom(cfg.podV4).Draw(rt, "pod.v4")
+	v6 := rapid.SampledFrom(cfg.podV6).Draw(rt, "pod.v6")
 	switch rapid.IntRange(0, 5).Draw(rt, "pod.ipmode") {
 	case 0, 1:
 		p.Status.PodIP, p.Status.PodIPs = v4, []corev1.PodIP{{IP: v4}}
@@ -464,8 +494,8 @@ func drawPod(rt *rapid.T, i int) corev1.Pod {
 	return p
 }
 
-func drawIPBlock(rt *rapid.T) *networkingv1.IPBlock {
-	pool := append(append([]string{}, diffPodV4...), diffPodV6...)
+func drawIPBlock(rt *rapid.T, cfg *diffConfig) *networkingv1.IPBlock {
+	pool := append(append([]string{}, cfg.podV4...), cfg.podV6...)
 	pool = append(pool, diffOutside...)
 	base := netip.MustParseAddr(rapid.SampledFrom(pool).Draw(rt, "ipb.base"))
 	var lens []int
@@ -495,7 +525,7 @@ func drawIPBlock(rt *rapid.T) *networkingv1.IPBlock {
 	return b
 }
 
-func drawPeer(rt *rapid.T) networkingv1.NetworkPolicyPeer {
+func drawPeer(rt *rapid.T, cfg *diffConfig) networkingv1.NetworkPolicyPeer {
 	switch rapid.IntRange(0, 3).Draw(rt, "peer.kind") {
 	case 0:
 		return networkingv1.NetworkPolicyPeer{PodSelector: drawSelector(rt, "peer.pod", false)}
@@ -507,7 +537,7 @@ func drawPeer(rt *rapid.T) networkingv1.NetworkPolicyPeer {
 			PodSelector:       drawSelector(rt, "peer.pod", false),
 		}
 	}
-	return networkingv1.NetworkPolicyPeer{IPBlock: drawIPBlock(rt)}
+	return networkingv1.NetworkPolicyPeer{IPBlock: drawIPBlock(rt, cfg)}
 }
 
 func drawPorts(rt *rapid.T) []networkingv1.NetworkPolicyPort {
@@ -541,7 +571,7 @@ func drawPorts(rt *rapid.T) []networkingv1.NetworkPolicyPort {
 	return out
 }
 
-func drawPolicy(rt *rapid.T, i int, podNamespaces []string) networkingv1.NetworkPolicy {
+func drawPolicy(rt *rapid.T, cfg *diffConfig, i int, podNamespaces []string) networkingv1.NetworkPolicy {
 	// Mostly where the pods are, or the policy would isolate nobody.
 	nss := diffNamespaces
 	if len(podNamespaces) > 0 && rapid.IntRange(0, 3).Draw(rt, "np.nearpods") > 0 {
@@ -565,7 +595,7 @@ func drawPolicy(rt *rapid.T, i int, podNamespaces []string) networkingv1.Network
 			var r networkingv1.NetworkPolicyIngressRule
 			if rapid.IntRange(0, 3).Draw(rt, "rule.haspeers") > 0 {
 				for k, m := 0, rapid.IntRange(1, 3).Draw(rt, "rule.npeers"); k < m; k++ {
-					r.From = append(r.From, drawPeer(rt))
+					r.From = append(r.From, drawPeer(rt, cfg))
 				}
 			}
 			r.Ports = drawPorts(rt)
@@ -580,7 +610,7 @@ func drawPolicy(rt *rapid.T, i int, podNamespaces []string) networkingv1.Network
 			var r networkingv1.NetworkPolicyEgressRule
 			if rapid.IntRange(0, 3).Draw(rt, "rule.haspeers") > 0 {
 				for k, m := 0, rapid.IntRange(1, 3).Draw(rt, "rule.npeers"); k < m; k++ {
-					r.To = append(r.To, drawPeer(rt))
+					r.To = append(r.To, drawPeer(rt, cfg))
 				}
 			}
 			r.Ports = drawPorts(rt)
@@ -599,7 +629,7 @@ func drawPolicy(rt *rapid.T, i int, podNamespaces []string) networkingv1.Network
 	return np
 }
 
-func drawState(rt *rapid.T) *policy.State {
+func drawState(rt *rapid.T, cfg *diffConfig) *policy.State {
 	st := &policy.State{}
 	// Some namespaces have no object at all: they still carry their name label.
 	for _, ns := range rapid.Permutation(diffNamespaces).Draw(rt, "nss")[:rapid.IntRange(0, len(diffNamespaces)).Draw(rt, "nns")] {
@@ -620,15 +650,15 @@ func drawState(rt *rapid.T) *policy.State {
 		}
 		st.Namespaces = append(st.Namespaces, o)
 	}
-	for i, n := 0, rapid.IntRange(1, 8).Draw(rt, "npods"); i < n; i++ {
-		st.Pods = append(st.Pods, drawPod(rt, i))
+	for i, n := 0, rapid.IntRange(cfg.minPods, cfg.maxPods).Draw(rt, "npods"); i < n; i++ {
+		st.Pods = append(st.Pods, drawPod(rt, cfg, i))
 	}
 	var podNamespaces []string
 	for _, p := range st.Pods {
 		podNamespaces = append(podNamespaces, p.Namespace)
 	}
-	for i, n := 0, rapid.IntRange(1, 6).Draw(rt, "npolicies"); i < n; i++ {
-		st.Policies = append(st.Policies, drawPolicy(rt, i, podNamespaces))
+	for i, n := 0, rapid.IntRange(1, cfg.maxPolicies).Draw(rt, "npolicies"); i < n; i++ {
+		st.Policies = append(st.Policies, drawPolicy(rt, cfg, i, podNamespaces))
 	}
 	return st
 }
@@ -784,6 +814,14 @@ func stateYAML(st *policy.State, opt policy.Options) string {
 		emit(o)
 	}
 	return b.String()
+}
+
+// TestDifferentialLarge runs the same property on clusters of up to 160 pods and 24 policies,
+// fewer flows each.
+func TestDifferentialLarge(t *testing.T) {
+	before := diffFlowsChecked.Load()
+	rapid.Check(t, func(rt *rapid.T) { diffProperty(rt, diffLarge) })
+	t.Logf("differential (large clusters): %d flows checked", diffFlowsChecked.Load()-before)
 }
 
 // TestDifferentialClustergen compares Decide with the reference on the benchmark's realistic

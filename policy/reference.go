@@ -299,36 +299,29 @@ func refNamespaceLabels(st *State, name string) map[string]string {
 	return out
 }
 
-// refParticipates: hostNetwork pods share the node's address (their traffic is node traffic),
-// finished pods hold no address any more.
-func refParticipates(p *corev1.Pod) bool {
+// refTakesPart: hostNetwork pods share the node's address (their traffic is node traffic),
+// finished pods hold no address any more. (An address-less pod never matches an address, so
+// refOwner needs no separate check for it.)
+func refTakesPart(p *corev1.Pod) bool {
 	if p.Spec.HostNetwork {
 		return false
 	}
-	if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
-		return false
-	}
-	return len(refPodIPs(p)) > 0
+	return p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed
 }
 
-// refPodIPs: status.podIPs when present, else status.podIP; unparsable entries are skipped.
-func refPodIPs(p *corev1.Pod) []netip.Addr {
-	var raw []string
+// refPodHasIP: the pod's addresses are status.podIPs when present, else status.podIP;
+// unparsable entries are no address.
+func refPodHasIP(p *corev1.Pod, addr netip.Addr) bool {
 	if len(p.Status.PodIPs) > 0 {
 		for _, ip := range p.Status.PodIPs {
-			raw = append(raw, ip.IP)
+			if a, err := netip.ParseAddr(ip.IP); err == nil && a == addr {
+				return true
+			}
 		}
-	} else if p.Status.PodIP != "" {
-		raw = append(raw, p.Status.PodIP)
+		return false
 	}
-	var out []netip.Addr
-	for _, s := range raw {
-		a, err := netip.ParseAddr(s)
-		if err == nil {
-			out = append(out, a)
-		}
-	}
-	return out
+	a, err := netip.ParseAddr(p.Status.PodIP)
+	return err == nil && a == addr
 }
 
 // refOwner finds the participating pod that holds addr. If several claim it (a stale status
@@ -338,17 +331,7 @@ func refOwner(st *State, addr netip.Addr) *corev1.Pod {
 	var best *corev1.Pod
 	for i := range st.Pods {
 		p := &st.Pods[i]
-		if !refParticipates(p) {
-			continue
-		}
-		has := false
-		for _, a := range refPodIPs(p) {
-			if a == addr {
-				has = true
-				break
-			}
-		}
-		if !has {
+		if !refTakesPart(p) || !refPodHasIP(p, addr) {
 			continue
 		}
 		if best == nil || refPodLess(p, best) {
