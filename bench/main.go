@@ -21,6 +21,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -42,6 +43,7 @@ type options struct {
 	micro     bool
 	benchtime time.Duration
 	pprof     bool
+	only      string
 }
 
 func parseInts(s string) ([]int, error) {
@@ -71,8 +73,8 @@ func main() {
 	var clients, policies string
 	flag.BoolVar(&o.quick, "quick", false, "short run (< 1 min): no filter, bare NFQUEUE and sluice only; prints the JSON summary last")
 	flag.StringVar(&o.out, "out", "bench/RESULTS.md", "report to rewrite (full run only); plots are written beside it")
-	flag.IntVar(&o.runs, "runs", 0, "repetitions of every measurement (default 3, quick 3)")
-	flag.DurationVar(&o.duration, "duration", 0, "length of one measurement (default 2s, quick 1.5s)")
+	flag.IntVar(&o.runs, "runs", 0, "rounds: every measurement is repeated once per round (default 5, quick 3)")
+	flag.DurationVar(&o.duration, "duration", 0, "length of one measurement (default 1s, quick 1.5s)")
 	flag.StringVar(&clients, "clients", "", "concurrent client counts (default 1,4,16; quick 4)")
 	flag.StringVar(&policies, "policies", "10,1000,10000", "policy counts for the scaling runs")
 	flag.IntVar(&o.base, "base-policies", 1000, "policy count for the client-scaling runs")
@@ -80,12 +82,16 @@ func main() {
 	flag.BoolVar(&o.micro, "micro", true, "run the micro benchmarks (full run only)")
 	flag.DurationVar(&o.benchtime, "benchtime", 300*time.Millisecond, "time per micro benchmark")
 	flag.BoolVar(&o.pprof, "pprof", true, "profile the queue readers (agent: its /debug/pprof, else perf; bare loop: perf) at the top client count")
+	flag.StringVar(&o.only, "only", "", "run only the configurations whose label matches this regular expression")
 	flag.Parse()
 	if o.runs == 0 {
-		o.runs = 3
+		o.runs = 5
+		if o.quick {
+			o.runs = 3
+		}
 	}
 	if o.duration == 0 {
-		o.duration = 2 * time.Second
+		o.duration = time.Second
 		if o.quick {
 			o.duration = 1500 * time.Millisecond
 		}
@@ -221,6 +227,13 @@ func run(ctx context.Context, o options, log io.Writer) (*summary, error) {
 	h.progress("lab %s ready: client %s -> node -> server %s", h.lab.ID, clientIP, serverIP)
 
 	plan := h.plan()
+	if o.only != "" {
+		re, err := regexp.Compile(o.only)
+		if err != nil {
+			return nil, fmt.Errorf("-only: %w", err)
+		}
+		plan = slices.DeleteFunc(plan, func(st step) bool { return !re.MatchString(st.cfg.label()) })
+	}
 	for _, st := range plan {
 		h.planned += len(st.workloads) * o.runs
 	}

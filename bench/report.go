@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"sort"
@@ -258,11 +259,24 @@ func (h *harness) captureProfile(a *active) chan string {
 				dso = append(dso, strings.TrimRight(l, " "))
 			}
 		}
-		ch <- "perf record -g -p PID, self time by object:\n" + strings.Join(dso, "\n") +
-			"\n\nby symbol (user and kernel):\n" + strings.Join(keep, "\n") + "\n"
+		// Inclusive time of the steps of a queued packet's round trip, to tell the verdict
+		// syscall (which carries the re-injected packet through the rest of the kernel) from
+		// the wait for the next packet and from the user-space decision itself.
+		incl, _ := exec.Command("perf", "report", "-i", f, "--stdio", "--children", "--sort", "sym", "-g", "none", "--percent-limit", "0.3").Output()
+		var steps []string
+		for _, l := range strings.Split(string(incl), "\n") {
+			if strings.TrimSpace(l) != "" && !strings.HasPrefix(l, "#") && profileStep.MatchString(l) {
+				steps = append(steps, strings.TrimRight(l, " "))
+			}
+		}
+		ch <- "perf record -g -p PID (" + fmt.Sprint(secs) + " s), self time by object:\n" + strings.Join(dso, "\n") +
+			"\n\nself time by symbol (user and kernel):\n" + strings.Join(keep, "\n") +
+			"\n\ninclusive time (children, self) of the steps of a packet's round trip:\n" + strings.Join(steps, "\n") + "\n"
 	}()
 	return ch
 }
+
+var profileStep = regexp.MustCompile(`\] (__sys_sendmsg|__sys_recvmsg|____sys_recvmsg|nfqnl_recv_verdict|nf_reinject|nfqnl_enqueue_packet|ip_forward|ip_forward_finish|tcp_v4_rcv|__netif_receive_skb|do_epoll_wait|schedule|futex_wait|filter\.\(\*worker\)\.(hook|handle)|github.com/sluice-dev/sluice/filter\.\(\*worker\)\.(hook|handle)|.*policy\.\(\*Snapshot\)\.Decide|.*\(\*FlowCache\)\.Decide|.*\(\*Decoder\)\.Decode|.*\(\*Offload\)\.Record|runtime\.mallocgc|runtime\.gcBgMarkWorker|runtime\.findRunnable|runtime\.netpoll|.*nfqueue\.parseMsg|.*nfqueue\.\(\*Nfqueue\)\.setVerdict|.*netlink\.\(\*Conn\)\.(Receive|Send)|.*prometheus.*Observe)\b`)
 
 type machineInfo struct {
 	CPUs    int
