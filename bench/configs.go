@@ -36,12 +36,12 @@ type config struct {
 	Queues   int    `json:"queues"`
 	Mode     string `json:"mode"` // new-only or queue-all (bare and sluice)
 	Offload  bool   `json:"offload"`
-	Policies int    `json:"policies"` // iptables and sluice
+	Policies int    `json:"policies,omitempty"` // iptables and sluice only
 }
 
 func (c config) label() string {
 	s := c.Name
-	if c.Policies > 0 && (c.kind == kSluice || c.kind == kIptables) {
+	if c.Policies > 0 {
 		s += fmt.Sprintf(" (%d pol)", c.Policies)
 	}
 	return s

@@ -44,6 +44,7 @@ type options struct {
 	benchtime time.Duration
 	pprof     bool
 	only      string
+	render    bool
 }
 
 func parseInts(s string) ([]int, error) {
@@ -83,7 +84,14 @@ func main() {
 	flag.DurationVar(&o.benchtime, "benchtime", 300*time.Millisecond, "time per micro benchmark")
 	flag.BoolVar(&o.pprof, "pprof", true, "profile the queue readers (agent: its /debug/pprof, else perf; bare loop: perf) at the top client count")
 	flag.StringVar(&o.only, "only", "", "run only the configurations whose label matches this regular expression")
+	flag.BoolVar(&o.render, "render", false, "rewrite -out (and its plots) from the raw results.json beside it, without measuring (e.g. after editing ANALYSIS.md)")
 	flag.Parse()
+	if o.render {
+		if err := rerender(o.out); err != nil {
+			fatal("%v", err)
+		}
+		return
+	}
 	if o.runs == 0 {
 		o.runs = 5
 		if o.quick {
@@ -142,6 +150,7 @@ type harness struct {
 	agentHist      map[string]histSummary
 	microRes       []microResult
 	profiles       map[string]string
+	command        string
 	machine        machineInfo
 	started        time.Time
 	planned, done  int
@@ -167,7 +176,8 @@ func run(ctx context.Context, o options, log io.Writer) (*summary, error) {
 			return nil, fmt.Errorf("%s is missing: run hack/deps.sh (or make deps)", b)
 		}
 	}
-	h := &harness{o: o, log: log, started: time.Now(), agentHist: map[string]histSummary{}, profiles: map[string]string{}}
+	h := &harness{o: o, log: log, started: time.Now(), agentHist: map[string]histSummary{}, profiles: map[string]string{},
+		command: strings.TrimSpace("go run ./bench " + strings.Join(os.Args[1:], " "))}
 	h.machine = describeMachine()
 	var err error
 	if h.self, err = os.Executable(); err != nil {
