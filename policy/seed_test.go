@@ -9,8 +9,6 @@ import (
 	"strings"
 	"testing"
 
-	corev1 "k8s.io/api/core/v1"
-	networkingv1 "k8s.io/api/networking/v1"
 	"sigs.k8s.io/yaml"
 
 	"github.com/sluice-dev/sluice/policy"
@@ -428,34 +426,7 @@ func decodeExampleRaw(t testing.TB, name string) *policy.State {
 	if err != nil {
 		t.Fatalf("read %s: %v", path, err)
 	}
-	st := &policy.State{}
-	for i, doc := range splitYAMLDocs(data) {
-		var meta struct {
-			Kind string `json:"kind"`
-		}
-		if err := yaml.Unmarshal(doc, &meta); err != nil {
-			t.Fatalf("%s document %d: %v", path, i, err)
-		}
-		switch meta.Kind {
-		case "":
-			continue // comments only
-		case "Namespace":
-			var o corev1.Namespace
-			mustStrict(t, path, i, doc, &o)
-			st.Namespaces = append(st.Namespaces, o)
-		case "Pod":
-			var o corev1.Pod
-			mustStrict(t, path, i, doc, &o)
-			st.Pods = append(st.Pods, o)
-		case "NetworkPolicy":
-			var o networkingv1.NetworkPolicy
-			mustStrict(t, path, i, doc, &o)
-			st.Policies = append(st.Policies, o)
-		default:
-			t.Fatalf("%s document %d: unexpected kind %q", path, i, meta.Kind)
-		}
-	}
-	return st
+	return decodeStateYAML(t, path, data)
 }
 
 func mustStrict(t testing.TB, path string, i int, doc []byte, into any) {
