@@ -563,6 +563,7 @@ func (h *harness) plots(dir string) error {
 		}
 		p.X.Scale = plot.LogScale{}
 		p.X.Tick.Marker = clientTicks(h.o.clients)
+		p.Add(plotter.NewGrid())
 		if err := p.Save(8*vg.Inch, 5*vg.Inch, filepath.Join(dir, "rate_vs_clients.png")); err != nil {
 			return err
 		}
@@ -594,6 +595,10 @@ func (h *harness) plots(dir string) error {
 		}
 		p.X.Scale = plot.LogScale{}
 		p.X.Tick.Marker = plot.LogTicks{Prec: -1}
+		// p50 is tens of µs while p99 reaches tens of ms on a saturated machine.
+		p.Y.Scale = plot.LogScale{}
+		p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
+		p.Add(plotter.NewGrid())
 		if err := p.Save(8*vg.Inch, 5*vg.Inch, filepath.Join(dir, "latency_vs_policies.png")); err != nil {
 			return err
 		}
