@@ -379,6 +379,29 @@ func (a *agent) signal(s syscall.Signal) {
 	}
 }
 
+// waitState waits until every thread of the agent is in the given state ('T': stopped); a
+// signal reaches the threads of a process one by one.
+func (a *agent) waitState(state byte) {
+	a.t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", a.cmd.Process.Pid))
+		all := len(tasks) > 0
+		for _, task := range tasks {
+			b, err := os.ReadFile(task)
+			i := bytes.LastIndexByte(b, ')')
+			if err != nil || i < 0 || i+2 >= len(b) || b[i+2] != state {
+				all = false
+			}
+		}
+		if all {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	a.t.Fatalf("agent threads did not reach state %c", state)
+}
+
 // waitExit waits for the agent to exit and returns its exit code.
 func (a *agent) waitExit(timeout time.Duration) int {
 	a.t.Helper()

@@ -84,6 +84,7 @@ func TestStoppedAgentAndHealth(t *testing.T) {
 	}
 	established := w.dial("frontend", "backend", 8080)
 	a.signal(syscall.SIGSTOP)
+	a.waitState('T')
 	w.probeExpect(deny("frontend", "backend", tcp, 8080)) // allowed by policy, but black-holed
 	if !established.echo(probeTimeout) {
 		t.Error("established connection must not depend on the agent")
