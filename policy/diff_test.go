@@ -149,6 +149,18 @@ func diffProperty(rt *rapid.T, cfg *diffConfig) {
 			owned = append(owned, a)
 		}
 	}
+	// LocalPodIPs, as documented: every address of every local pod. When two pods claim one
+	// address it may therefore hold an address IsLocal denies (the owner is elsewhere) or list
+	// it twice; only the set is compared.
+	wantLocal := policy.RefLocalPodIPs(st, opt)
+	gotLocal := slices.Clone(snap.LocalPodIPs())
+	for _, l := range [][]netip.Addr{wantLocal, gotLocal} {
+		slices.SortFunc(l, netip.Addr.Compare)
+	}
+	wantLocal, gotLocal = slices.Compact(wantLocal), slices.Compact(gotLocal)
+	if !slices.Equal(gotLocal, wantLocal) {
+		rt.Fatalf("LocalPodIPs() = %v; reference %v\n%s", gotLocal, wantLocal, stateYAML(st, opt))
+	}
 	// Odd flows the packet path could still hand over: no addresses at all, one missing.
 	for _, f := range []policy.Flow{{}, {Dst: netip.MustParseAddr("10.0.0.1"), Proto: policy.TCP, Port: 80}, {Src: netip.MustParseAddr("10.0.0.1")}} {
 		if msg := diffMismatch(st, opt, snap, f); msg != "" {
@@ -453,7 +465,8 @@ func drawPod(rt *rapid.T, cfg *diffConfig, i int) corev1.Pod {
 			Name:      fmt.Sprintf("p%d", i),
 			Labels:    drawLabels(rt, "pod.labels"),
 		},
-		Spec: corev1.PodSpec{NodeName: rapid.SampledFrom(diffNodes).Draw(rt, "pod.node")},
+		// "" : not scheduled (yet) in the file; local only when Options.Node is empty.
+		Spec: corev1.PodSpec{NodeName: rapid.SampledFrom(append([]string{""}, diffNodes...)).Draw(rt, "pod.node")},
 	}
 	for c, nc := 0, rapid.IntRange(1, 2).Draw(rt, "pod.ncont"); c < nc; c++ {
 		ctr := corev1.Container{Name: fmt.Sprintf("c%d", c), Image: "img"}
