@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"os"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -132,9 +133,14 @@ func diffProperty(rt *rapid.T, cfg *diffConfig) {
 	if err := policy.Validate(vst); err != nil {
 		rt.Fatalf("Validate rejects a generated state: %v\n%s", err, stateYAML(st, opt))
 	}
+	before := cloneState(st)
 	snap, err := policy.Compile(st, opt)
 	if err != nil {
 		rt.Fatalf("Compile failed on a valid state: %v\n%s", err, stateYAML(st, opt))
+	}
+	// Compile reads st (informer caches hand it shared objects); it must not default in place.
+	if !reflect.DeepEqual(before, st) {
+		rt.Fatalf("Compile modified its input state\nbefore:\n%s\nafter:\n%s", stateYAML(before, opt), stateYAML(st, opt))
 	}
 	if snap.Generation() != 7 {
 		rt.Fatalf("Generation() = %d, want 7", snap.Generation())
