@@ -135,6 +135,9 @@ func (h *harness) start(ctx context.Context, c config) (*active, error) {
 		}
 		a.logPath = filepath.Join(h.tmp, "agent-"+strings.ReplaceAll(c.Name, " ", "_")+".log")
 		a.proc = h.lab.NodeCommand(h.sluice, args...)
+		if h.o.agentEnv != "" {
+			a.proc.Env = append(os.Environ(), strings.Split(h.o.agentEnv, ",")...)
+		}
 		if err := h.launch(a); err != nil {
 			return nil, err
 		}

@@ -45,6 +45,7 @@ type options struct {
 	pprof     bool
 	only      string
 	render    bool
+	agentEnv  string
 }
 
 func parseInts(s string) ([]int, error) {
@@ -84,6 +85,7 @@ func main() {
 	flag.DurationVar(&o.benchtime, "benchtime", 300*time.Millisecond, "time per micro benchmark")
 	flag.BoolVar(&o.pprof, "pprof", true, "profile the queue readers (agent: its /debug/pprof, else perf; bare loop: perf) at the top client count")
 	flag.StringVar(&o.only, "only", "", "run only the configurations whose label matches this regular expression")
+	flag.StringVar(&o.agentEnv, "agent-env", "", "extra environment for the agent, comma-separated KEY=VALUE (e.g. GOGC=400) to try runtime settings")
 	flag.BoolVar(&o.render, "render", false, "rewrite -out (and its plots) from the raw results.json beside it, without measuring (e.g. after editing ANALYSIS.md)")
 	flag.Parse()
 	if o.render {

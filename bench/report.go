@@ -563,6 +563,8 @@ func (h *harness) plots(dir string) error {
 		}
 		p.X.Scale = plot.LogScale{}
 		p.X.Tick.Marker = clientTicks(h.o.clients)
+		p.Y.Min = 0
+		p.Y.Tick.Marker = intTicks{}
 		p.Add(plotter.NewGrid())
 		if err := p.Save(8*vg.Inch, 5*vg.Inch, filepath.Join(dir, "rate_vs_clients.png")); err != nil {
 			return err
@@ -623,4 +625,17 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	sort.Strings(k)
 	return k
+}
+
+// intTicks are the default ticks labelled without decimals (rates are whole numbers).
+type intTicks struct{}
+
+func (intTicks) Ticks(min, max float64) []plot.Tick {
+	t := plot.DefaultTicks{}.Ticks(min, max)
+	for i := range t {
+		if t[i].Label != "" {
+			t[i].Label = fmt.Sprintf("%.0f", t[i].Value)
+		}
+	}
+	return t
 }
