@@ -8,8 +8,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -91,7 +94,7 @@ func Start(t testing.TB) *Env {
 	env := &envtest.Environment{
 		BinaryAssetsDirectory:    dir,
 		ControlPlaneStartTimeout: 90 * time.Second,
-		ControlPlaneStopTimeout:  30 * time.Second,
+		ControlPlaneStopTimeout:  20 * time.Second,
 	}
 	api := env.ControlPlane.GetAPIServer()
 	api.CertDir = t.TempDir()
@@ -128,12 +131,47 @@ func Start(t testing.TB) *Env {
 	return e
 }
 
-// StopAPIServer stops kube-apiserver (etcd keeps running).
+// StopAPIServer kills kube-apiserver as a crash would (SIGKILL; no graceful close of the
+// watches) and waits until it is gone; etcd keeps running. A graceful stop is no quicker here:
+// the API server drains its long-running watches for longer than a test wants to wait.
 func (e *Env) StopAPIServer() {
 	e.t.Helper()
-	if err := e.Env.ControlPlane.GetAPIServer().Stop(); err != nil {
+	api := e.Env.ControlPlane.GetAPIServer()
+	pid, err := findProcess("kube-apiserver", "--cert-dir="+api.CertDir)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		e.t.Fatalf("killing kube-apiserver (pid %d): %v", pid, err)
+	}
+	// Stop reaps the process (already dead, so it returns at once) and marks it stopped.
+	if err := api.Stop(); err != nil {
 		e.t.Fatalf("stopping kube-apiserver: %v", err)
 	}
+}
+
+// findProcess returns the pid of the process whose executable is named name and whose command
+// line holds arg (the test's own cert dir, so it is this test's API server and no other).
+func findProcess(name, arg string) (int, error) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, err
+	}
+	for _, ent := range ents {
+		pid, err := strconv.Atoi(ent.Name())
+		if err != nil {
+			continue
+		}
+		raw, err := os.ReadFile(filepath.Join("/proc", ent.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(raw), "\x00")
+		if filepath.Base(args[0]) == name && slices.Contains(args, arg) {
+			return pid, nil
+		}
+	}
+	return 0, fmt.Errorf("no %s process with %s", name, arg)
 }
 
 // StartAPIServer starts kube-apiserver again on the same address with the same certificates.
