@@ -846,11 +846,17 @@ func TestDifferentialLarge(t *testing.T) {
 // TestDifferentialClustergen compares Decide with the reference on the benchmark's realistic
 // clusters too: large selectors, many namespaces, names resolved per destination pod.
 func TestDifferentialClustergen(t *testing.T) {
-	for _, tc := range []struct {
+	type clusterCase struct {
 		policies int
 		node     string
 		flows    int
-	}{{100, "", 800}, {100, "node-2", 600}, {200, "node-5", 300}} {
+	}
+	cases := []clusterCase{{100, "", 800}, {100, "node-2", 600}, {200, "node-5", 300}}
+	if os.Getenv("SLUICE_DIFF_FLOWS") != "" {
+		// The long mode also walks a benchmark-sized cluster (the reference needs ms per flow).
+		cases = append(cases, clusterCase{1000, "", 3000}, clusterCase{1000, "node-7", 3000})
+	}
+	for _, tc := range cases {
 		st := clustergen.Generate(tc.policies, uint64(tc.policies))
 		opt := policy.Options{Node: tc.node}
 		snap, err := policy.Compile(st, opt)
