@@ -349,7 +349,11 @@ func (w *worker) handle(data []byte, now int64) bool {
 		}
 	}
 	d.m.packets[verdict][j.cause].Inc()
-	if j.fromPolicy && d.cfg.Offload != nil && (j.accept || !d.cfg.Audit) {
+	// Denies are offloaded only for packets that open a connection: the kernel set keys on
+	// (source, destination, port) and would otherwise also drop the replies of a connection
+	// allowed the other way, which sluice admits after a conntrack flush. Audit offloads no
+	// deny at all.
+	if j.fromPolicy && d.cfg.Offload != nil && (j.accept || (!d.cfg.Audit && p.Opening())) {
 		d.cfg.Offload.RecordGen(s.Generation(), p.Flow, j.accept)
 	}
 	if verdict != verdictAccept || (w.debug && j.cause != CauseTracked) {

@@ -160,11 +160,25 @@ func TestQueueAll(t *testing.T) {
 			flows = sc.flows
 		}
 	}
-	// Many connections, so both queues serve some; each exchanges data both ways.
-	for i := 0; i < 12; i++ {
-		flows = append(flows, allow("frontend", "backend", tcp, 8080), allow("backend", "database", tcp, 5432))
+	// Many connections between several address pairs, so both queues serve some (the queue is
+	// a hash of the address pair); each exchanges data both ways.
+	for i := 0; i < 6; i++ {
+		flows = append(flows, allow("frontend", "backend", tcp, 8080), allow("backend", "database", tcp, 5432),
+			v6(allow("frontend", "backend", tcp, 8080)), v6(allow("backend", "database", tcp, 5432)))
+	}
+	// UDP answers to clients isolated for ingress: nothing but the return table admits them,
+	// so an answer hashed to the other worker than its query would be lost.
+	for _, server := range []string{"coredns", "prometheus", "decoy"} {
+		for _, client := range []string{"frontend", "database"} {
+			flows = append(flows, allow(client, server, udp, 53), allow(client, server, udp, 53))
+		}
 	}
 	w.check(flows)
+	// TCP replies that miss the table would still pass as "replies of an allowed flow"; none
+	// may, or the table is not doing the work.
+	if got := w.metric(`sluice_packets_total{reason="reply",verdict="accept"}`); got != 0 {
+		t.Errorf("%v packets accepted by the reply rule instead of the return table", got)
+	}
 	c := w.dial("frontend", "backend", 8080)
 	for i := 0; i < 5; i++ {
 		if !c.echo(probeTimeout) {
