@@ -253,12 +253,19 @@ func (s *Snapshot) IsLocal(ip netip.Addr) bool {
 	return ok && s.pods[i].local
 }
 
-// LocalPodIPs lists every address of every local pod.
+// LocalPodIPs lists every address owned by a local pod, once: when two pods claim one
+// address (a stale status during IP reuse), it belongs to the owner Decide judges, so the list
+// agrees with IsLocal.
 func (s *Snapshot) LocalPodIPs() []netip.Addr {
 	var out []netip.Addr
 	for i := range s.pods {
-		if s.pods[i].local {
-			out = append(out, s.pods[i].ips...)
+		if !s.pods[i].local {
+			continue
+		}
+		for _, a := range s.pods[i].ips {
+			if owner, _ := s.lookup(a); owner == int32(i) {
+				out = append(out, a)
+			}
 		}
 	}
 	return out
