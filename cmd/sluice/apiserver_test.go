@@ -7,6 +7,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
@@ -79,6 +80,43 @@ func TestValidationAgreesWithAPIServer(t *testing.T) {
 		}
 	}
 
+	// Defaulting: what the API server stores equals what Load makes of the same file.
+	for _, spec := range []string{
+		"podSelector: {}",
+		"podSelector: {}\ningress: [{ports: [{port: 80}, {port: http}]}]",
+		"podSelector: {}\negress: [{ports: [{port: 53, protocol: UDP}, {port: 443}]}]",
+		"podSelector: {}\negress: []",
+		"podSelector: {}\npolicyTypes: [Egress]\ningress: [{}]",
+	} {
+		doc := "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: prod}\nspec:\n  " + strings.ReplaceAll(spec, "\n", "\n  ") + "\n"
+		var np networkingv1.NetworkPolicy
+		if err := yaml.Unmarshal([]byte(doc), &np); err != nil {
+			t.Fatal(err)
+		}
+		stored, err := env.Client.NetworkingV1().NetworkPolicies("prod").Create(ctx, &np, dryRun)
+		if err != nil {
+			t.Fatalf("%q: %v", spec, err)
+		}
+		st, _, err := policy.Load(strings.NewReader(doc), "np.yaml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !equality.Semantic.DeepEqual(st.Policies[0].Spec, stored.Spec) {
+			t.Errorf("defaulting of %q:\n  sluice:         %+v\n  kube-apiserver: %+v", spec, st.Policies[0].Spec, stored.Spec)
+		}
+	}
+	ns, err := env.Client.CoreV1().Namespaces().Get(ctx, "prod", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, _, err := policy.Load(strings.NewReader("apiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n"), "ns.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !equality.Semantic.DeepEqual(st.Namespaces[0].Labels, ns.Labels) {
+		t.Errorf("namespace labels: sluice %v, kube-apiserver %v", st.Namespaces[0].Labels, ns.Labels)
+	}
+
 	// Pod IPs are status: create the pod, then ask about each status update.
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "prod", Labels: map[string]string{"app": "web"}},
@@ -88,6 +126,13 @@ func TestValidationAgreesWithAPIServer(t *testing.T) {
 	created, err := env.Client.CoreV1().Pods("prod").Create(ctx, pod, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	pst, _, err := policy.Load(strings.NewReader("apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: prod}\nspec: {containers: [{name: web, image: nginx, ports: [{name: http, containerPort: 8080}]}]}\n"), "pod.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := pst.Pods[0].Spec.Containers[0].Ports, created.Spec.Containers[0].Ports; !equality.Semantic.DeepEqual(got, want) {
+		t.Errorf("container port defaulting: sluice %+v, kube-apiserver %+v", got, want)
 	}
 	const firstInvalidIPs = 3
 	for i, ips := range [][]string{
