@@ -253,19 +253,14 @@ func (s *Snapshot) IsLocal(ip netip.Addr) bool {
 	return ok && s.pods[i].local
 }
 
-// LocalPodIPs lists every address owned by a local pod, once: when two pods claim one
-// address (a stale status during IP reuse), it belongs to the owner Decide judges, so the list
-// agrees with IsLocal.
+// LocalPodIPs lists every address of every local pod: the addresses whose packets this node
+// must queue. When two pods claim one address (a stale status during IP reuse), the address
+// may be listed though IsLocal names a remote owner; queueing it is harmless.
 func (s *Snapshot) LocalPodIPs() []netip.Addr {
 	var out []netip.Addr
 	for i := range s.pods {
-		if !s.pods[i].local {
-			continue
-		}
-		for _, a := range s.pods[i].ips {
-			if owner, _ := s.lookup(a); owner == int32(i) {
-				out = append(out, a)
-			}
+		if s.pods[i].local {
+			out = append(out, s.pods[i].ips...)
 		}
 	}
 	return out
