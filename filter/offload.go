@@ -76,6 +76,11 @@ type Offload struct {
 	gen atomic.Uint64
 
 	closeOnce sync.Once
+	// refl is the follow-up flush Flush schedules; closed stops it from touching the sets once
+	// Close has destroyed them. Both under mu.
+	refl   *time.Timer
+	closed bool
+	grace  time.Duration
 
 	recorded, dropped, skipped, stale, added, errs, flushes atomic.Uint64
 }
@@ -111,6 +116,7 @@ func NewOffload(prefix string, timeout time.Duration, log *slog.Logger) (*Offloa
 		log:     log,
 		q:       make(chan offloadItem, offloadQueueLen),
 		done:    make(chan struct{}),
+		grace:   flushGrace,
 	}
 	for _, s := range []struct {
 		name   string
@@ -177,17 +183,45 @@ func (o *Offload) RecordGen(gen uint64, f policy.Flow, allowed bool) {
 	}
 }
 
+// flushGrace is how long after Flush a second flush follows. Record carries no generation,
+// so a packet judged by the old snapshot whose Record call lands just after Flush (its worker
+// was between Decide and Record during the swap) could write a stale entry; the second flush
+// bounds that entry's life to flushGrace. The price is that flows recorded within the grace
+// period make one more trip through the queue.
+const flushGrace = 250 * time.Millisecond
+
 // Flush empties every set. Call it after each snapshot swap so no verdict of the old policies
-// survives; entries recorded before the call and still queued are discarded too. A failure is
-// logged (the packet path has nobody to return it to); FlushGen returns it.
-//
-// With Record/Flush, a packet judged by the old snapshot whose Record call lands just after
-// Flush can still write one stale entry (until its timeout). Callers that know the snapshot
-// generation close that window with RecordGen/FlushGen.
+// survives; entries recorded before the call and still queued are discarded too, and a second
+// flush follows after flushGrace (see there). A failure is logged (the packet path has nobody
+// to return it to); FlushGen returns it. Callers that know the snapshot generation use
+// RecordGen/FlushGen instead, which close the window exactly.
 func (o *Offload) Flush() {
 	if err := o.FlushGen(o.gen.Load() + 1); err != nil {
 		o.log.Error("offload: flushing the kernel sets failed; stale verdicts may survive until their timeout", "err", err)
 	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.closed {
+		return
+	}
+	if o.refl == nil {
+		o.refl = time.AfterFunc(o.grace, func() {
+			if err := o.flushIfOpen(); err != nil {
+				o.log.Error("offload: second flush of the kernel sets failed", "err", err)
+			}
+		})
+	} else {
+		o.refl.Reset(o.grace)
+	}
+}
+
+func (o *Offload) flushIfOpen() error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.closed {
+		return nil
+	}
+	return o.flushLocked()
 }
 
 // FlushGen empties every set and discards queued verdicts of generations older than gen (the
@@ -198,6 +232,13 @@ func (o *Offload) FlushGen(gen uint64) error {
 	if gen > o.gen.Load() {
 		o.gen.Store(gen)
 	}
+	if o.closed {
+		return errors.New("offload: flush after Close")
+	}
+	return o.flushLocked()
+}
+
+func (o *Offload) flushLocked() error {
 	var errs []error
 	for _, s := range []string{o.sets.Allow4, o.sets.Deny4, o.sets.Allow6, o.sets.Deny6} {
 		if err := o.h.IpsetFlush(s); err != nil {
@@ -223,6 +264,12 @@ func (o *Offload) Close() error {
 	o.closeOnce.Do(func() {
 		close(o.done)
 		o.wg.Wait()
+		o.mu.Lock()
+		o.closed = true
+		if o.refl != nil {
+			o.refl.Stop()
+		}
+		o.mu.Unlock()
 		err = o.destroySets()
 		o.h.Close()
 	})

@@ -280,7 +280,11 @@ func TestOffloadRealPackets(t *testing.T) {
 		t.Fatal("denied flow is in the allow set")
 	}
 
-	// A policy change flushes: the next connection is decided in user space again.
+	// A policy change flushes: the next connection is decided in user space again. The grace
+	// period is lengthened so the follow-up flush surely comes after the re-recorded entry.
+	o.mu.Lock()
+	o.grace = 2 * time.Second
+	o.mu.Unlock()
 	o.Flush()
 	if o.Stats().Flushes == 0 {
 		t.Fatal("Flush did not run")
@@ -296,6 +300,9 @@ func TestOffloadRealPackets(t *testing.T) {
 		t.Fatal("after Flush the connection did not reach the queue: a stale verdict survived")
 	}
 	waitFor(t, "the flow to be offloaded again", func() bool { return has(s.Allow4, 8080) })
+	// That entry was recorded within the grace period, where a stale verdict could also have
+	// slipped in: the follow-up flush removes it.
+	waitFor(t, "the follow-up flush to empty the set", func() bool { return !has(s.Allow4, 8080) })
 
 	// A verdict from before a flush must not land after it.
 	gen := o.gen.Load()
