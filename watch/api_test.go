@@ -19,6 +19,9 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/sluice-dev/sluice/policy"
 	"github.com/sluice-dev/sluice/watch/kubetest"
 )
@@ -405,7 +408,10 @@ func TestAPISourceScale(t *testing.T) {
 		t.Skip("too few pods for the propagation probe")
 	}
 	fl := tcp("10.100.0.6", "10.100.0.0", 8080)
-	f.waitDecision(t, "scale: baseline pod-6 -> pod-0", time.Now(), fl, true)
+	if v := f.cur.Load().Decide(fl); !v.Allowed || v.Reason != policy.ReasonRule {
+		t.Fatalf("pod-6 -> pod-0:8080 before the changes: %v, want allowed by rule", v)
+	}
+	histBefore := histogram(metricPropagation.WithLabelValues("api").(prometheus.Metric))
 	var props []time.Duration
 	for _, tier := range []string{"api", "web", "api", "web"} {
 		at := patch(t, ctx, func() error {
@@ -421,4 +427,22 @@ func TestAPISourceScale(t *testing.T) {
 	}
 	t.Logf("pods=%d: propagation (API call -> snapshot in force) over %d label changes: mean %v, max %v (debounce 100ms)",
 		n, len(props), (sum / time.Duration(len(props))).Round(time.Millisecond), maxd.Round(time.Millisecond))
+	h := histogram(metricPropagation.WithLabelValues("api").(prometheus.Metric))
+	if cnt := h.GetSampleCount() - histBefore.GetSampleCount(); cnt > 0 {
+		t.Logf("pods=%d: sluice_watch_propagation_seconds (informer event -> published): %d samples, mean %v",
+			n, cnt, time.Duration((h.GetSampleSum()-histBefore.GetSampleSum())/float64(cnt)*float64(time.Second)).Round(time.Millisecond))
+	}
+	cs := histogram(metricCompile.WithLabelValues("api").(prometheus.Metric))
+	if cs.GetSampleCount() > 0 {
+		t.Logf("sluice_watch_compile_seconds over this process: %d compiles, mean %v", cs.GetSampleCount(),
+			time.Duration(cs.GetSampleSum()/float64(cs.GetSampleCount())*float64(time.Second)).Round(time.Microsecond))
+	}
+}
+
+func histogram(m prometheus.Metric) *dto.Histogram {
+	var out dto.Metric
+	if err := m.Write(&out); err != nil {
+		panic(err)
+	}
+	return out.Histogram
 }
