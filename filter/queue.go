@@ -64,6 +64,9 @@ type Config struct {
 	Stall, Exit time.Duration
 	// OnStuck is called when a worker has been stuck for Exit (default: exit the process).
 	OnStuck func()
+	// FaultStallPort is fault injection for tests of the watchdog: a worker that takes a packet
+	// to this destination port never returns. 0 (always, outside tests) disables it.
+	FaultStallPort uint16
 }
 
 // Dataplane is the packet path: one worker per queue, all reading one atomic snapshot.
@@ -329,6 +332,10 @@ func (w *worker) handle(data []byte, now int64) bool {
 	s := d.snap.Load()
 	p := &w.pkt
 	w.dec.Decode(data, p)
+	if d.cfg.FaultStallPort != 0 && p.Flow.Port == d.cfg.FaultStallPort && p.Kind == KindPorts {
+		d.log.Warn("fault injection: this queue worker stalls now", "queue", w.queue)
+		select {}
+	}
 	var track *ReturnTable
 	if d.cfg.QueueAll || (p.Flow.Proto != policy.TCP && p.Kind == KindPorts) {
 		track = w.track

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -172,7 +173,7 @@ func runAgent(ctx context.Context, stderr io.Writer, o *agentOpts) error {
 	dp := filter.New(filter.Config{
 		QueueNum: o.queueNum, Queues: o.queues, QueueAll: queueAll, FailOpen: o.failOpen,
 		Audit: o.audit, CutEstablished: o.cut, CacheSize: o.cacheSize, Log: log,
-		Metrics: metrics, Offload: rec,
+		Metrics: metrics, Offload: rec, FaultStallPort: faultStallPort(log),
 	})
 
 	a := &agent{log: log, dp: dp}
@@ -263,6 +264,22 @@ func runAgent(ctx context.Context, stderr io.Writer, o *agentOpts) error {
 	stopQueues()
 	log.Info("sluice agent stopped")
 	return runErr
+}
+
+// faultStallPort reads SLUICE_FAULT_STALL_PORT, the watchdog's fault injection used by the
+// end-to-end tests: a queue worker that sees a packet to that port hangs for good.
+func faultStallPort(log *slog.Logger) uint16 {
+	v := os.Getenv("SLUICE_FAULT_STALL_PORT")
+	if v == "" {
+		return 0
+	}
+	p, err := strconv.ParseUint(v, 10, 16)
+	if err != nil {
+		log.Warn("ignoring SLUICE_FAULT_STALL_PORT: not a port number", "value", v)
+		return 0
+	}
+	log.Warn("fault injection armed: a packet to this port hangs its queue worker", "port", p)
+	return uint16(p)
 }
 
 func nodeLabel(n string) string {

@@ -329,8 +329,15 @@ func (w *world) startAgent(args ...string) *agent {
 // spawnAgent starts the agent without waiting.
 func (w *world) spawnAgent(args ...string) *agent {
 	w.t.Helper()
+	return w.spawnAgentEnv(nil, args...)
+}
+
+// spawnAgentEnv starts the agent with extra environment variables, without waiting.
+func (w *world) spawnAgentEnv(env []string, args ...string) *agent {
+	w.t.Helper()
 	a := &agent{t: w.t, out: &syncBuffer{}, done: make(chan struct{})}
 	a.cmd = w.lab.NodeCommand(sluiceBin, append([]string{"agent"}, args...)...)
+	a.cmd.Env = append(os.Environ(), env...)
 	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
 	if err := a.cmd.Start(); err != nil {
 		w.t.Fatal(err)
@@ -481,6 +488,9 @@ func (w *world) httpGet(path string, timeout time.Duration) (status int, body st
 		status, _ = strconv.Atoi(f[1])
 		rest, err := io.ReadAll(r)
 		body = string(rest)
+		if i := strings.Index(body, "\r\n\r\n"); i >= 0 {
+			body = body[i+4:]
+		}
 		return err
 	})
 	return status, body, err

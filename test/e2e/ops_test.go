@@ -375,3 +375,43 @@ func TestAudit(t *testing.T) {
 		t.Errorf("audit lines do not name the isolating policy:\n%s", a.out.String())
 	}
 }
+
+// A queue worker that hangs (fault injection: SLUICE_FAULT_STALL_PORT) fails /healthz within
+// seconds and makes the agent exit, after which fail-open lets traffic through until the agent
+// is restarted.
+func TestStuckWorkerWatchdog(t *testing.T) {
+	w := newWorld(t)
+	w.writeState(example(t, "three-tier.yaml"))
+	a := w.spawnAgentEnv([]string{"SLUICE_FAULT_STALL_PORT=9090"}, "--state", w.state, "--log-format", "json")
+	a.waitLog(`"msg":"sluice agent running"`, 20*time.Second)
+	w.check([]flow{deny("other", "backend", tcp, 8080)})
+	stuckAt := time.Now()
+	go w.lab.Probe(w.hosts["other"], netip.MustParseAddr("10.244.1.20"), tcp, 9090, 2*time.Second)
+	deadline := time.Now().Add(8 * time.Second)
+	for {
+		st, body, err := w.httpGet("/healthz", time.Second)
+		if err == nil && st == 503 && strings.Contains(body, "stuck") {
+			t.Logf("/healthz failed %s after the stall: %s", time.Since(stuckAt).Round(100*time.Millisecond), strings.TrimSpace(body))
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/healthz still %d %q %v; log:\n%s", st, body, err, a.out.String())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if code := a.waitExit(20 * time.Second); code != 3 {
+		t.Errorf("stuck agent exit code %d, want 3; log:\n%s", code, a.out.String())
+	}
+	t.Logf("agent exited %s after the stall", time.Since(stuckAt).Round(100*time.Millisecond))
+	if !strings.Contains(a.out.String(), "exiting so that the supervisor restarts the agent") {
+		t.Errorf("no exit reason in the log:\n%s", a.out.String())
+	}
+	if rules, _, _ := w.sluiceRules(); rules == 0 {
+		t.Error("the watchdog exit must leave the rules (the restarted agent replaces them)")
+	}
+	// Dead agent + fail-open: everything passes, the policy-denied flow too.
+	w.probeExpect(allow("other", "backend", tcp, 8080))
+	// The supervisor's restart brings enforcement back.
+	w.startAgent("--state", w.state)
+	w.check([]flow{deny("other", "backend", tcp, 8080), allow("frontend", "backend", tcp, 8080)})
+}

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"testing"
+	"time"
 
 	"github.com/sluice-dev/sluice/internal/netlab"
 )
@@ -157,7 +158,7 @@ spec:
   - from: [{podSelector: {matchLabels: {tier: frontend}}}]
     ports: [{protocol: SCTP, port: 3868}]
 `)
-	w.startAgent("--state", w.state)
+	a := w.startAgent("--state", w.state, "-v", "1")
 	w.check([]flow{
 		allow("frontend", "backend", sctp, 3868),
 		v6(allow("frontend", "backend", sctp, 3868)),
@@ -166,4 +167,7 @@ spec:
 		deny("frontend", "backend", tcp, 8080),
 		allow("backend", "frontend", sctp, 3868),
 	})
+	// -v 1 logs accepted connections too.
+	a.waitLog(`msg="packet accepted" verdict=accept src=production/frontend dst=production/backend proto=SCTP port=3868 reason=rule`, 5*time.Second)
+	a.waitLog(`msg="packet dropped" verdict=drop src=production/other dst=production/backend proto=SCTP port=3868 reason=ingress-denied`, 5*time.Second)
 }
