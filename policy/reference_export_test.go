@@ -24,3 +24,29 @@ func RefSides(st *State, opt Options, f Flow) (egress, ingress RefSide) {
 	e, i := referenceSides(st, opt, f)
 	return RefSide{e.judged, e.isolating, e.matched}, RefSide{i.judged, i.isolating, i.matched}
 }
+
+// RefLocalPodIPs lists, as the API documents LocalPodIPs, every address of every participating
+// local pod (whether or not that pod owns the address when another pod claims it too).
+func RefLocalPodIPs(st *State, opt Options) []netip.Addr {
+	var out []netip.Addr
+	for i := range st.Pods {
+		p := &st.Pods[i]
+		if !refTakesPart(p) || !refLocal(p, opt) {
+			continue
+		}
+		var raw []string
+		if len(p.Status.PodIPs) > 0 {
+			for _, ip := range p.Status.PodIPs {
+				raw = append(raw, ip.IP)
+			}
+		} else {
+			raw = append(raw, p.Status.PodIP)
+		}
+		for _, s := range raw {
+			if a, err := netip.ParseAddr(s); err == nil {
+				out = append(out, a)
+			}
+		}
+	}
+	return out
+}
