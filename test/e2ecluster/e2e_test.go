@@ -1,0 +1,371 @@
+// Package e2ecluster runs `sluice agent` in cluster mode against a real kube-apiserver (with
+// etcd, through watch/kubetest) and enforces on the network-namespace lab with real packets: the
+// seed's three-tier policies are applied through client-go and the real connections between the
+// lab's pods change from allowed to dropped, and back when the policies are deleted.
+package e2ecluster
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"sigs.k8s.io/yaml"
+
+	"github.com/sluice-dev/sluice/internal/netlab"
+	"github.com/sluice-dev/sluice/watch/kubetest"
+)
+
+const node = "node-1"
+
+type pod struct {
+	name   string
+	labels map[string]string
+	ip     netip.Addr
+	port   uint16
+	host   *netlab.Host
+}
+
+type flow struct {
+	from, to string
+	// allowed under the seed's three-tier policies (read by hand from the seed); every flow is
+	// allowed without policies.
+	withPolicies bool
+}
+
+// The seed's "Complete Example", flow by flow. The frontend is reachable from anywhere on 80,
+// the backend only from the frontend on 8080, the database only from the backend on 5432;
+// the frontend's egress allows the backend (and DNS) only, the backend's the database only.
+var flows = []flow{
+	{"frontend", "backend", true},
+	{"backend", "database", true},
+	{"internet", "frontend", true},
+	{"frontend", "database", false}, // frontend egress: backend:8080 and DNS only
+	{"internet", "backend", false},  // backend ingress: frontend only
+	{"internet", "database", false}, // database ingress: backend only
+	{"database", "backend", false},  // backend ingress: frontend only
+	{"backend", "frontend", false},  // backend egress: database only
+	{"database", "frontend", true},  // database has no egress policy; frontend takes anyone on 80
+}
+
+func repoRoot(t *testing.T) string {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Dir(strings.TrimSpace(string(out)))
+}
+
+func TestAgentClusterModeEnforcesSeedThreeTier(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test builds network namespaces and kernel rules: run it as root (make test does)")
+	}
+	root := repoRoot(t)
+	bin := filepath.Join(t.TempDir(), "sluice")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/sluice")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/sluice: %v\n%s", err, out)
+	}
+
+	env := kubetest.Start(t)
+	c := env.Client
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	lab := netlab.NewT(t)
+	pods := map[string]*pod{
+		"frontend": {name: "frontend", labels: map[string]string{"app": "frontend", "tier": "frontend"}, ip: netip.MustParseAddr("10.244.1.10"), port: 80},
+		"backend":  {name: "backend", labels: map[string]string{"app": "backend", "tier": "backend"}, ip: netip.MustParseAddr("10.244.1.11"), port: 8080},
+		"database": {name: "database", labels: map[string]string{"app": "postgres", "tier": "database"}, ip: netip.MustParseAddr("10.244.1.12"), port: 5432},
+		"internet": {name: "internet", ip: netip.MustParseAddr("203.0.113.50")}, // outside the cluster
+	}
+	for _, p := range pods {
+		h, err := lab.AddHost(p.name, p.ip)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.host = h
+		if p.port != 0 {
+			if err := h.Serve(netlab.TCP, p.port); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+
+	if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "production", Labels: map[string]string{"env": "production"}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pods {
+		if p.labels == nil {
+			continue
+		}
+		created, err := c.CoreV1().Pods("production").Create(ctx, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: "production", Labels: p.labels},
+			Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "app", Image: "registry.example/app:1",
+				Ports: []corev1.ContainerPort{{Name: "service", ContainerPort: int32(p.port)}}}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		created.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: p.ip.String(), PodIPs: []corev1.PodIP{{IP: p.ip.String()}}}
+		if _, err := c.CoreV1().Pods("production").UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// The agent runs in the lab's node namespace, whose 127.0.0.1 is its own; a forwarder
+	// listening there on the API server's port carries the (TLS) bytes to the real one, so the
+	// kubeconfig and its certificates work unchanged.
+	forwardAPIServer(t, lab, env)
+
+	agent := startAgent(t, lab, bin, env.Kubeconfig)
+	agent.waitReady(t, lab, 60*time.Second)
+
+	probe := func(f flow) bool {
+		from, to := pods[f.from], pods[f.to]
+		ok, err := lab.Probe(from.host, to.ip, netlab.TCP, to.port, 700*time.Millisecond)
+		if err != nil {
+			t.Fatalf("probe %s -> %s:%d: %v", f.from, f.to, to.port, err)
+		}
+		return ok
+	}
+	// waitAll probes every flow until each gives want(f), within a bounded time, and returns
+	// how long it took.
+	waitAll := func(what string, want func(flow) bool) time.Duration {
+		t.Helper()
+		start := time.Now()
+		deadline := start.Add(45 * time.Second)
+		for {
+			var wrong []string
+			for _, f := range flows {
+				if got := probe(f); got != want(f) {
+					wrong = append(wrong, fmt.Sprintf("%s->%s:%d got allowed=%v", f.from, f.to, pods[f.to].port, got))
+				}
+			}
+			if len(wrong) == 0 {
+				d := time.Since(start)
+				t.Logf("%s: all %d flows as expected after %v", what, len(flows), d.Round(time.Millisecond))
+				return d
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: after 45 s still wrong: %s\nagent log:\n%s", what, strings.Join(wrong, "; "), agent.tail())
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+
+	waitAll("no policies: every connection allowed", func(flow) bool { return true })
+
+	policies := seedThreeTier(t, filepath.Join(root, "deploy", "examples", "three-tier.yaml"))
+	for i := range policies {
+		if _, err := c.NetworkingV1().NetworkPolicies("production").Create(ctx, &policies[i], metav1.CreateOptions{}); err != nil {
+			t.Fatalf("creating %s: %v", policies[i].Name, err)
+		}
+	}
+	t.Logf("applied %d seed policies through client-go", len(policies))
+	waitAll("three-tier policies applied", func(f flow) bool { return f.withPolicies })
+	if !strings.Contains(agent.tail(), "production/database") {
+		t.Errorf("the agent logged no drop naming production/database; log:\n%s", agent.tail())
+	}
+
+	for _, p := range policies {
+		if err := c.NetworkingV1().NetworkPolicies("production").Delete(ctx, p.Name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitAll("policies deleted: every connection allowed again", func(flow) bool { return true })
+
+	agent.stop(t)
+}
+
+// seedThreeTier reads the seed's three-tier NetworkPolicies (deploy/examples).
+func seedThreeTier(t *testing.T, path string) []networkingv1.NetworkPolicy {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("the seed's three-tier policies: %v", err)
+	}
+	r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(raw)))
+	var out []networkingv1.NetworkPolicy
+	for {
+		doc, err := r.Read()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		var tm metav1.TypeMeta
+		if err := yaml.Unmarshal(doc, &tm); err != nil || tm.Kind != "NetworkPolicy" {
+			continue
+		}
+		var np networkingv1.NetworkPolicy
+		if err := yaml.UnmarshalStrict(doc, &np); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		out = append(out, np)
+	}
+	if len(out) != 3 {
+		t.Fatalf("%s: %d NetworkPolicies, want the seed's 3", path, len(out))
+	}
+	return out
+}
+
+func forwardAPIServer(t *testing.T, lab *netlab.Lab, env *kubetest.Env) {
+	u, err := url.Parse(env.Config.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := u.Host
+	var ln net.Listener
+	if err := lab.Node().Do(func() error {
+		var err error
+		ln, err = net.Listen("tcp", target)
+		return err
+	}); err != nil {
+		t.Fatalf("listening on %s in the node namespace: %v", target, err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			in, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			out, err := net.Dial("tcp", target) // this goroutine is in the test's namespace
+			if err != nil {
+				in.Close()
+				continue
+			}
+			wg.Add(2)
+			pipe := func(a, b net.Conn) {
+				defer wg.Done()
+				io.Copy(a, b)
+				a.Close()
+				b.Close()
+			}
+			go pipe(in, out)
+			go pipe(out, in)
+		}
+	}()
+}
+
+type agentProc struct {
+	cmd    *exec.Cmd
+	mu     sync.Mutex
+	log    bytes.Buffer
+	exited chan struct{}
+}
+
+func (a *agentProc) Write(p []byte) (int, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.log.Write(p)
+}
+
+func (a *agentProc) tail() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := a.log.String()
+	if len(s) > 6000 {
+		s = "..." + s[len(s)-6000:]
+	}
+	return s
+}
+
+func startAgent(t *testing.T, lab *netlab.Lab, bin, kubeconfig string) *agentProc {
+	a := &agentProc{exited: make(chan struct{})}
+	a.cmd = lab.NodeCommand(bin, "agent", "--kubeconfig", kubeconfig, "--node", node,
+		"--queue-num", "180", "--metrics-addr", "127.0.0.1:9963", "--log-format", "text")
+	a.cmd.Stdout, a.cmd.Stderr = a, a
+	if err := a.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { a.cmd.Wait(); close(a.exited) }()
+	t.Cleanup(func() {
+		select {
+		case <-a.exited:
+		default:
+			a.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-a.exited:
+			case <-time.After(15 * time.Second):
+				a.cmd.Process.Kill()
+				<-a.exited
+			}
+		}
+		if t.Failed() {
+			t.Logf("agent log:\n%s", a.tail())
+		}
+	})
+	return a
+}
+
+// waitReady polls /readyz inside the node namespace.
+func (a *agentProc) waitReady(t *testing.T, lab *netlab.Lab, wait time.Duration) {
+	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			var conn net.Conn
+			err := lab.Node().Do(func() error {
+				var err error
+				conn, err = (&net.Dialer{Timeout: time.Second}).DialContext(ctx, network, addr)
+				return err
+			})
+			return conn, err
+		},
+	}}
+	defer client.CloseIdleConnections()
+	start := time.Now()
+	for {
+		select {
+		case <-a.exited:
+			t.Fatalf("the agent exited before it was ready:\n%s", a.tail())
+		default:
+		}
+		resp, err := client.Get("http://127.0.0.1:9963/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				t.Logf("agent ready (cluster mode, first snapshot from the API server) after %v", time.Since(start).Round(time.Millisecond))
+				return
+			}
+		}
+		if time.Since(start) > wait {
+			t.Fatalf("agent not ready within %v (last: %v):\n%s", wait, err, a.tail())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (a *agentProc) stop(t *testing.T) {
+	a.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-a.exited:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("the agent did not exit within 20 s of SIGTERM:\n%s", a.tail())
+	}
+	if code := a.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Errorf("agent exit code %d after SIGTERM:\n%s", code, a.tail())
+	}
+}
