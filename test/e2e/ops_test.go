@@ -273,7 +273,7 @@ spec:
   podSelector: {matchLabels: {tier: backend}}
   ingress: [{from: [{podSelector: {matchLabels: {tier: frontend}}}], ports: [{port: 7000}]}]
 `)
-	// The backend answers each byte after 600 ms, long enough to flush conntrack in between.
+	// The backend answers each byte after 1.2 s, long enough to flush conntrack in between.
 	var ln net.Listener
 	if err := w.hosts["backend"].Do(func() (err error) { ln, err = net.Listen("tcp", ":7000"); return err }); err != nil {
 		t.Fatal(err)
@@ -293,7 +293,7 @@ spec:
 					if err != nil {
 						return
 					}
-					time.Sleep(600 * time.Millisecond)
+					time.Sleep(1200 * time.Millisecond)
 					if _, err := c.Write(buf[:n]); err != nil {
 						return
 					}
