@@ -167,6 +167,29 @@ func diffProperty(rt *rapid.T, cfg *diffConfig) {
 	if !slices.Equal(gotLocal, wantLocal) {
 		rt.Fatalf("LocalPodIPs() = %v; reference (addresses of local pods) %v\n%s", gotLocal, wantLocal, stateYAML(st, opt))
 	}
+	// Pods, PodIPs and Stats against the reference's list of participating pods.
+	refs, refIPs, refLocal := policy.RefPods(st, opt)
+	if got := snap.Pods(); !slices.Equal(got, refs) {
+		rt.Fatalf("Pods() = %v; reference %v\n%s", got, refs, stateYAML(st, opt))
+	}
+	nLocal := 0
+	for i, ref := range refs {
+		if got := snap.PodIPs(ref); !slices.Equal(got, refIPs[i]) {
+			rt.Fatalf("PodIPs(%v) = %v; reference %v\n%s", ref, got, refIPs[i], stateYAML(st, opt))
+		}
+		if refLocal[i] {
+			nLocal++
+		}
+	}
+	for _, p := range st.Pods {
+		ref := policy.PodRef{Namespace: p.Namespace, Name: p.Name}
+		if !slices.Contains(refs, ref) && snap.PodIPs(ref) != nil {
+			rt.Fatalf("PodIPs(%v) = %v for a pod that takes no part", ref, snap.PodIPs(ref))
+		}
+	}
+	if s := snap.Stats(); s.Pods != len(refs) || s.LocalPods != nLocal || s.Policies != len(st.Policies) {
+		rt.Fatalf("Stats() = %+v; reference %d pods, %d local, %d policies\n%s", s, len(refs), nLocal, len(st.Policies), stateYAML(st, opt))
+	}
 	// Odd flows the packet path could still hand over: no addresses at all, one missing.
 	for _, f := range []policy.Flow{{}, {Dst: netip.MustParseAddr("10.0.0.1"), Proto: policy.TCP, Port: 80}, {Src: netip.MustParseAddr("10.0.0.1")}} {
 		if msg := diffMismatch(st, opt, snap, f); msg != "" {

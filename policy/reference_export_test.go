@@ -1,6 +1,9 @@
 package policy
 
-import "net/netip"
+import (
+	"net/netip"
+	"slices"
+)
 
 // RefOwner exposes the reference's idea of which pod holds an address to the external tests,
 // so Snapshot.Pod and IsLocal can be checked against it.
@@ -49,4 +52,49 @@ func RefLocalPodIPs(st *State, opt Options) []netip.Addr {
 		}
 	}
 	return out
+}
+
+// RefPods lists the participating pods in (namespace, name) order with their addresses as the
+// reference reads them, and whether each is local.
+func RefPods(st *State, opt Options) (refs []PodRef, ips [][]netip.Addr, local []bool) {
+	idx := make([]int, 0, len(st.Pods))
+	for i := range st.Pods {
+		idx = append(idx, i)
+	}
+	slices.SortFunc(idx, func(a, b int) int {
+		if refPodLess(&st.Pods[a], &st.Pods[b]) {
+			return -1
+		}
+		if refPodLess(&st.Pods[b], &st.Pods[a]) {
+			return 1
+		}
+		return 0
+	})
+	for _, i := range idx {
+		p := &st.Pods[i]
+		if !refTakesPart(p) {
+			continue
+		}
+		var raw []string
+		if len(p.Status.PodIPs) > 0 {
+			for _, ip := range p.Status.PodIPs {
+				raw = append(raw, ip.IP)
+			}
+		} else {
+			raw = append(raw, p.Status.PodIP)
+		}
+		var addrs []netip.Addr
+		for _, s := range raw {
+			if a, err := netip.ParseAddr(s); err == nil {
+				addrs = append(addrs, a)
+			}
+		}
+		if len(addrs) == 0 {
+			continue
+		}
+		refs = append(refs, PodRef{Namespace: p.Namespace, Name: p.Name})
+		ips = append(ips, addrs)
+		local = append(local, refLocal(p, opt))
+	}
+	return refs, ips, local
 }
