@@ -454,3 +454,33 @@ func TestLoadJSON(t *testing.T) {
 		}
 	}
 }
+
+// FuzzLoad: Load never panics, and whatever it accepts compiles: validation is what stands
+// between a file and the engine, so a state that passes it and still fails Compile (or a
+// state Compile would silently misread) is a bug in one of the two.
+//
+//	go test ./policy -run '^$' -fuzz FuzzLoad -fuzztime 60s
+func FuzzLoad(f *testing.F) {
+	for _, name := range []string{"testdata/three-tier.yaml", "testdata/kubectl-list.yaml", "testdata/lint.yaml"} {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec:\n  podSelector: {matchExpressions: [{key: a, operator: In, values: [b]}]}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}], ports: [{port: 80, endPort: 90}, {port: http, protocol: SCTP}]}]\n"))
+	f.Add([]byte("apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: p}, status: {podIPs: [{ip: \"fd00::1\"}]}}\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		st, _, err := Load(bytes.NewReader(data), "fuzz.yaml")
+		if err != nil {
+			if st != nil {
+				t.Fatalf("error with a state: %v", err)
+			}
+			return
+		}
+		if _, err := Compile(st, Options{}); err != nil {
+			t.Fatalf("Load accepted what Compile rejects: %v\n%s", err, data)
+		}
+		Lint(st)
+	})
+}
