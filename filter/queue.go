@@ -312,6 +312,9 @@ func (w *worker) hook(a nfqueue.Attribute) int {
 		data = *a.Payload
 	}
 	accept := w.handle(data, now)
+	// Timed before the verdict is sent: an accepted packet travels on through the kernel
+	// (forwarding, the peer's stack) inside the sendmsg call, which is not sluice's time.
+	w.dp.m.latency.Observe(time.Since(start).Seconds())
 	v := nfqueue.NfDrop
 	if accept {
 		v = nfqueue.NfAccept
@@ -319,7 +322,6 @@ func (w *worker) hook(a nfqueue.Attribute) int {
 	if err := w.nf.SetVerdict(*a.PacketID, v); err != nil {
 		w.dp.m.verdictErrors.Inc()
 	}
-	w.dp.m.latency.Observe(time.Since(start).Seconds())
 	w.busySince.Store(0)
 	w.progress.Store(now)
 	return 0

@@ -143,6 +143,10 @@ func TestSeedExamples(t *testing.T) {
 	if got := w.metric(`sluice_packets_total{reason="ingress-denied",verdict="drop"}`); got == 0 {
 		t.Errorf("no ingress drop counted in the metrics")
 	}
+	if n := w.metric("sluice_decision_seconds_count"); n > 0 {
+		t.Logf("%v queued packets, mean user-space time per packet %.1f µs (sluice_decision_seconds)",
+			n, w.metric("sluice_decision_seconds_sum")/n*1e6)
+	}
 }
 
 // TestSCTP allows SCTP to one port from one pod and checks INIT chunks both ways.
