@@ -2,12 +2,16 @@ package policy
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
+
+	"pgregory.net/rapid"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
 )
 
@@ -201,4 +205,142 @@ func lintProto(p string) *corev1.Protocol {
 func lintPort(p int32) *intstr.IntOrString {
 	v := intstr.FromInt32(p)
 	return &v
+}
+
+// A shadowed-rule finding claims rule a allows everything rule b does. These properties check
+// the claim's pieces against brute force: whenever selectorCovers / blockCovers / portCovers
+// says yes, no label set, address or port matched by b escapes a.
+func TestLintCoverageIsSound(t *testing.T) {
+	keys, vals := []string{"a", "b"}, []string{"x", "y", "z"}
+	genSelector := func(t *rapid.T, label string) *metav1.LabelSelector {
+		s := &metav1.LabelSelector{}
+		for i, n := 0, rapid.IntRange(0, 3).Draw(t, label+"-n"); i < n; i++ {
+			key := rapid.SampledFrom(keys).Draw(t, label+"-key")
+			op := rapid.SampledFrom([]metav1.LabelSelectorOperator{"In", "NotIn", "Exists", "DoesNotExist", "="}).Draw(t, label+"-op")
+			if op == "=" {
+				if s.MatchLabels == nil {
+					s.MatchLabels = map[string]string{}
+				}
+				s.MatchLabels[key] = rapid.SampledFrom(vals).Draw(t, label+"-val")
+				continue
+			}
+			r := metav1.LabelSelectorRequirement{Key: key, Operator: op}
+			if op == "In" || op == "NotIn" {
+				r.Values = rapid.SliceOfNDistinct(rapid.SampledFrom(vals), 1, 3, rapid.ID[string]).Draw(t, label+"-vals")
+			}
+			s.MatchExpressions = append(s.MatchExpressions, r)
+		}
+		return s
+	}
+	// Every label set over keys and vals (each key absent or one of the values).
+	var all []labels.Set
+	for _, va := range append([]string{""}, vals...) {
+		for _, vb := range append([]string{""}, vals...) {
+			l := labels.Set{}
+			if va != "" {
+				l["a"] = va
+			}
+			if vb != "" {
+				l["b"] = vb
+			}
+			all = append(all, l)
+		}
+	}
+	rapid.Check(t, func(t *rapid.T) {
+		a, b := genSelector(t, "a"), genSelector(t, "b")
+		if !selectorCovers(a, b) {
+			return
+		}
+		sa, sb := selector(a), selector(b)
+		for _, l := range all {
+			if sb.Matches(l) && !sa.Matches(l) {
+				t.Fatalf("selectorCovers(%v, %v) but %v matches only the second", a, b, l)
+			}
+		}
+	})
+
+	genBlock := func(t *rapid.T, label string) networkingv1.IPBlock {
+		pfx := func(l string) string {
+			bits := rapid.IntRange(24, 30).Draw(t, l+"-bits")
+			addr := netip.AddrFrom4([4]byte{10, 0, 0, byte(rapid.IntRange(0, 255).Draw(t, l+"-host"))})
+			p, _ := addr.Prefix(bits)
+			return p.String()
+		}
+		b := networkingv1.IPBlock{CIDR: pfx(label)}
+		for i, n := 0, rapid.IntRange(0, 2).Draw(t, label+"-nexcept"); i < n; i++ {
+			b.Except = append(b.Except, pfx(label+"-except"))
+		}
+		return b
+	}
+	in := func(b networkingv1.IPBlock, a netip.Addr) bool {
+		c := netip.MustParsePrefix(b.CIDR)
+		if !c.Contains(a) {
+			return false
+		}
+		for _, e := range b.Except {
+			if netip.MustParsePrefix(e).Contains(a) {
+				return false
+			}
+		}
+		return true
+	}
+	rapid.Check(t, func(t *rapid.T) {
+		a, b := genBlock(t, "a"), genBlock(t, "b")
+		if !blockCovers(&a, &b) {
+			return
+		}
+		for i := 0; i < 256; i++ {
+			addr := netip.AddrFrom4([4]byte{10, 0, 0, byte(i)})
+			if in(b, addr) && !in(a, addr) {
+				t.Fatalf("blockCovers(%v, %v) but %s is only in the second", a, b, addr)
+			}
+		}
+	})
+
+	genPort := func(t *rapid.T, label string) networkingv1.NetworkPolicyPort {
+		p := networkingv1.NetworkPolicyPort{Protocol: lintProto(rapid.SampledFrom([]string{"TCP", "UDP"}).Draw(t, label+"-proto"))}
+		switch rapid.IntRange(0, 2).Draw(t, label+"-kind") {
+		case 1:
+			p.Port = lintPort(int32(rapid.IntRange(1, 20).Draw(t, label+"-port")))
+			if rapid.Bool().Draw(t, label+"-range") {
+				end := p.Port.IntVal + int32(rapid.IntRange(0, 10).Draw(t, label+"-len"))
+				p.EndPort = &end
+			}
+		case 2:
+			v := intstr.FromString(rapid.SampledFrom([]string{"http", "dns"}).Draw(t, label+"-name"))
+			p.Port = &v
+		}
+		return p
+	}
+	// A port entry's matches over a small universe: (protocol, number) plus named ports, where
+	// "http" is 5 and "dns" is 7 on the destination pod.
+	matches := func(p networkingv1.NetworkPolicyPort, proto string, port int32) bool {
+		if string(*p.Protocol) != proto {
+			return false
+		}
+		switch {
+		case p.Port == nil:
+			return true
+		case p.Port.Type == intstr.String:
+			return map[string]int32{"http": 5, "dns": 7}[p.Port.StrVal] == port
+		}
+		end := p.Port.IntVal
+		if p.EndPort != nil {
+			end = *p.EndPort
+		}
+		return p.Port.IntVal <= port && port <= end
+	}
+	rapid.Check(t, func(t *rapid.T) {
+		a, b := genPort(t, "a"), genPort(t, "b")
+		if !portCovers(&a, &b) {
+			return
+		}
+		for _, proto := range []string{"TCP", "UDP"} {
+			for port := int32(1); port <= 31; port++ {
+				if matches(b, proto, port) && !matches(a, proto, port) {
+					t.Fatalf("portCovers(%v, %v) but %d/%s matches only the second", a, b, port, proto)
+				}
+			}
+		}
+	})
 }
