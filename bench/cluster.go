@@ -18,10 +18,14 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 )
 
-var (
-	clientIP = netip.MustParseAddr("10.250.0.10")
-	serverIP = netip.MustParseAddr("10.250.1.10")
-)
+var serverIP = netip.MustParseAddr("10.250.1.10")
+
+// clientPods is how many client pods the lab has. NFQUEUE's --queue-balance hashes on the
+// address pair and protocol only (not ports), so the connections of one pod pair always land
+// on one queue: several client pods are what lets more queues share the work.
+const clientPods = 4
+
+func clientIP(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 250, 0, byte(10 + i)}) }
 
 const (
 	tcpPort = 8080
@@ -79,7 +83,10 @@ func benchCluster(n int) []any {
 	for k := 0; k < nns; k++ {
 		objs = append(objs, nsObj(fmt.Sprintf("fill-%d", k)))
 	}
-	objs = append(objs, podObj("bench", "client", "bench-client", clientIP), podObj("bench", "server", "bench-server", serverIP))
+	for i := 0; i < clientPods; i++ {
+		objs = append(objs, podObj("bench", fmt.Sprintf("client-%d", i), "bench-client", clientIP(i)))
+	}
+	objs = append(objs, podObj("bench", "server", "bench-server", serverIP))
 	for i := 0; i < fill; i++ {
 		svc, cli := fillerIPs(i)
 		ns := fmt.Sprintf("fill-%d", i%nns)
@@ -156,7 +163,9 @@ func iptablesPolicies(n int) string {
 	b.WriteString("-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n")
 	b.WriteString("-A FORWARD -m conntrack --ctstate NEW -j BENCH-EGR\n")
 	b.WriteString("-A FORWARD -m conntrack --ctstate NEW -j BENCH-ING\n")
-	fmt.Fprintf(&b, "-A BENCH-EGR -s %s/32 -j E-client\n", clientIP)
+	for i := 0; i < clientPods; i++ {
+		fmt.Fprintf(&b, "-A BENCH-EGR -s %s/32 -j E-client\n", clientIP(i))
+	}
 	fmt.Fprintf(&b, "-A E-client -d %s/32 -p tcp --dport %d -j RETURN\n", serverIP, tcpPort)
 	fmt.Fprintf(&b, "-A E-client -d %s/32 -p udp --dport %d -j RETURN\n", serverIP, udpPort)
 	b.WriteString("-A E-client -j DROP\n")
@@ -169,8 +178,10 @@ func iptablesPolicies(n int) string {
 			fmt.Fprintf(&b, "-A BENCH-ING -d %s/32 -j I-%d\n", svc, i)
 		}
 	}
-	fmt.Fprintf(&b, "-A I-server -s %s/32 -p tcp --dport %d -j ACCEPT\n", clientIP, tcpPort)
-	fmt.Fprintf(&b, "-A I-server -s %s/32 -p udp --dport %d -j ACCEPT\n", clientIP, udpPort)
+	for i := 0; i < clientPods; i++ {
+		fmt.Fprintf(&b, "-A I-server -s %s/32 -p tcp --dport %d -j ACCEPT\n", clientIP(i), tcpPort)
+		fmt.Fprintf(&b, "-A I-server -s %s/32 -p udp --dport %d -j ACCEPT\n", clientIP(i), udpPort)
+	}
 	b.WriteString("-A I-server -j DROP\n")
 	for i := 0; i < fill; i++ {
 		_, cli := fillerIPs(i)

@@ -10,6 +10,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -46,6 +47,7 @@ type options struct {
 	only      string
 	render    bool
 	agentEnv  string
+	nice      int
 }
 
 func parseInts(s string) ([]int, error) {
@@ -76,7 +78,7 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "short run (< 1 min): no filter, bare NFQUEUE and sluice only; prints the JSON summary last")
 	flag.StringVar(&o.out, "out", "bench/RESULTS.md", "report to rewrite (full run only); plots are written beside it")
 	flag.IntVar(&o.runs, "runs", 0, "rounds: every measurement is repeated once per round (default 5, quick 3)")
-	flag.DurationVar(&o.duration, "duration", 0, "length of one measurement (default 1s, quick 1.5s)")
+	flag.DurationVar(&o.duration, "duration", 0, "length of one measurement (default 1s)")
 	flag.StringVar(&clients, "clients", "", "concurrent client counts (default 1,4,16; quick 4)")
 	flag.StringVar(&policies, "policies", "10,1000,10000", "policy counts for the scaling runs")
 	flag.IntVar(&o.base, "base-policies", 1000, "policy count for the client-scaling runs")
@@ -86,6 +88,7 @@ func main() {
 	flag.BoolVar(&o.pprof, "pprof", true, "profile the queue readers (agent: its /debug/pprof, else perf; bare loop: perf) at the top client count")
 	flag.StringVar(&o.only, "only", "", "run only the configurations whose label matches this regular expression")
 	flag.StringVar(&o.agentEnv, "agent-env", "", "extra environment for the agent, comma-separated KEY=VALUE (e.g. GOGC=400) to try runtime settings")
+	flag.IntVar(&o.nice, "nice", -5, "CPU priority (nice value) of every process under test; raised so other work on a shared machine disturbs the comparison less (0: leave as is)")
 	flag.BoolVar(&o.render, "render", false, "rewrite -out (and its plots) from the raw results.json beside it, without measuring (e.g. after editing ANALYSIS.md)")
 	flag.Parse()
 	if o.render {
@@ -103,7 +106,7 @@ func main() {
 	if o.duration == 0 {
 		o.duration = time.Second
 		if o.quick {
-			o.duration = 1500 * time.Millisecond
+			o.duration = time.Second
 		}
 	}
 	if clients == "" {
@@ -140,22 +143,23 @@ func fatal(format string, args ...any) {
 }
 
 type harness struct {
-	o              options
-	lab            *netlab.Lab
-	client, server *netlab.Host
-	self, sluice   string
-	tmp            string
-	srv            *server
-	log            io.Writer
-	notes          []string
-	results        []*result
-	agentHist      map[string]histSummary
-	microRes       []microResult
-	profiles       map[string]string
-	command        string
-	machine        machineInfo
-	started        time.Time
-	planned, done  int
+	o             options
+	lab           *netlab.Lab
+	clients       []*netlab.Host
+	server        *netlab.Host
+	self, sluice  string
+	tmp           string
+	srv           *server
+	log           io.Writer
+	notes         []string
+	results       []*result
+	agentHist     map[string]histSummary
+	microRes      []microResult
+	profiles      map[string]string
+	command       string
+	machine       machineInfo
+	started       time.Time
+	planned, done int
 }
 
 func (h *harness) progress(format string, args ...any) {
@@ -209,6 +213,18 @@ func run(ctx context.Context, o options, log io.Writer) (*summary, error) {
 		}
 	}
 
+	if o.pprof && !o.quick {
+		// `go run` strips the symbol table, which leaves perf's profile of the bare loop
+		// without names; a plain build of the harness keeps them.
+		bin := filepath.Join(h.tmp, "bench")
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./bench")
+		cmd.Dir = repoRoot()
+		if out, err := cmd.CombinedOutput(); err == nil {
+			h.self = bin
+		} else {
+			h.progress("building the harness with symbols failed, profiles of the bare loop will lack names: %v: %s", err, firstLines(string(out), 3))
+		}
+	}
 	if o.micro && !o.quick {
 		h.progress("micro benchmarks (benchtime %s each)", o.benchtime)
 		h.microRes = runMicro(o.policies, o.benchtime, h.progress)
@@ -222,13 +238,17 @@ func run(ctx context.Context, o options, log io.Writer) (*summary, error) {
 		return nil, err
 	}
 	defer h.lab.Close()
-	if h.client, err = h.lab.AddHost("client", clientIP); err != nil {
-		return nil, err
+	for i := 0; i < clientPods; i++ {
+		c, err := h.lab.AddHost(fmt.Sprintf("client-%d", i), clientIP(i))
+		if err != nil {
+			return nil, err
+		}
+		c.Sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+		h.clients = append(h.clients, c)
 	}
 	if h.server, err = h.lab.AddHost("server", serverIP); err != nil {
 		return nil, err
 	}
-	h.client.Sysctl("net.ipv4.ip_local_port_range", "1024 65535")
 	h.server.Sysctl("net.core.somaxconn", "8192")
 	h.server.Sysctl("net.ipv4.tcp_max_syn_backlog", "8192")
 	h.lab.Node().Sysctl("net.netfilter.nf_conntrack_max", "1048576")
@@ -236,7 +256,7 @@ func run(ctx context.Context, o options, log io.Writer) (*summary, error) {
 		return nil, err
 	}
 	defer h.srv.close()
-	h.progress("lab %s ready: client %s -> node -> server %s", h.lab.ID, clientIP, serverIP)
+	h.progress("lab %s ready: %d client pods %s.. -> node -> server %s", h.lab.ID, clientPods, clientIP(0), serverIP)
 
 	plan := h.plan()
 	if o.only != "" {
@@ -475,25 +495,49 @@ func (h *harness) measure(ctx context.Context, a *active, w workload) (runResult
 	}
 	rctx, cancel := context.WithTimeout(ctx, h.o.duration+20*time.Second)
 	defer cancel()
-	args := []string{"netns", "exec", h.client.Netns}
-	if w.mode == "udp" {
-		// Senders that never block would otherwise take the CPUs from the queue reader they
-		// are measuring; at a low priority they only use what the reader leaves.
-		args = append(args, "nice", "-n", "15")
+	// The client threads are spread over the client pods (one load process per pod).
+	pods := min(w.clients, len(h.clients))
+	var cmds []*exec.Cmd
+	var outs []*bytes.Buffer
+	for i := 0; i < pods; i++ {
+		n := w.clients / pods
+		if i < w.clients%pods {
+			n++
+		}
+		var argv []string
+		if w.mode == "udp" {
+			// Senders that never block would otherwise take the CPUs from the queue reader
+			// they are measuring; at a lower priority they only use what the reader leaves.
+			argv = append(argv, "nice", "-n", "15")
+		}
+		argv = append(argv, h.self, roleArg, "load", "-mode", w.mode, "-addr", addr,
+			"-clients", strconv.Itoa(n), "-duration", h.o.duration.String())
+		c := h.inNetns(h.clients[i].Netns, argv...)
+		cmd := exec.CommandContext(rctx, c.Path, c.Args[1:]...)
+		cmd.Stderr = h.log
+		out := &bytes.Buffer{}
+		cmd.Stdout = out
+		cmds, outs = append(cmds, cmd), append(outs, out)
 	}
-	args = append(args, h.self, roleArg, "load", "-mode", w.mode, "-addr", addr,
-		"-clients", strconv.Itoa(w.clients), "-duration", h.o.duration.String())
-	cmd := exec.CommandContext(rctx, "ip", args...)
-	cmd.Stderr = h.log
 	before, err := h.srv.counts()
 	if err != nil {
 		return rr, err
 	}
 	u0, s0 := procCPU(a.pid())
 	b0, t0 := machineBusy()
-	out, err := cmd.Output()
-	if err != nil {
-		return rr, fmt.Errorf("load generator: %w", err)
+	for _, c := range cmds {
+		if err := c.Start(); err != nil {
+			return rr, fmt.Errorf("load generator: %w", err)
+		}
+	}
+	var werr error
+	for _, c := range cmds {
+		if err := c.Wait(); err != nil && werr == nil {
+			werr = fmt.Errorf("load generator: %w", err)
+		}
+	}
+	if werr != nil {
+		return rr, werr
 	}
 	if w.mode == "udp" {
 		time.Sleep(100 * time.Millisecond) // let queued datagrams drain into the server's count
@@ -505,13 +549,31 @@ func (h *harness) measure(ctx context.Context, a *active, w workload) (runResult
 		return rr, err
 	}
 	var lr loadResult
-	if err := json.Unmarshal(out, &lr); err != nil {
-		return rr, fmt.Errorf("load generator output %q: %w", out, err)
+	hist := make([]uint64, latBuckets)
+	for _, out := range outs {
+		var one loadResult
+		if err := json.Unmarshal(out.Bytes(), &one); err != nil {
+			return rr, fmt.Errorf("load generator output %q: %w", out, err)
+		}
+		lr.Done += one.Done
+		lr.Errors += one.Errors
+		lr.Elapsed = max(lr.Elapsed, one.Elapsed)
+		if lr.FirstErr == "" {
+			lr.FirstErr = one.FirstErr
+		}
+		for i, c := range one.Hist {
+			if i < len(hist) {
+				hist[i] += c
+			}
+		}
 	}
 	if lr.Elapsed <= 0 {
 		return rr, errors.New("load generator reported no elapsed time")
 	}
-	rr.Errors, rr.P50us, rr.P99us = lr.Errors, lr.P50us, lr.P99us
+	rr.Errors = lr.Errors
+	if w.mode == "tcp" {
+		rr.P50us, rr.P99us = histQuantile(hist, 0.5), histQuantile(hist, 0.99)
+	}
 	ops := float64(lr.Done)
 	if w.mode == "udp" {
 		ops = float64(after.UDP - before.UDP)

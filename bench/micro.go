@@ -130,7 +130,7 @@ func runMicro(policyCounts []int, benchtime time.Duration, progress func(string,
 		}))
 	}
 	d := filter.NewDecoder()
-	pkt := synPacket(clientIP, serverIP, 40000, tcpPort)
+	pkt := synPacket(clientIP(0), serverIP, 40000, tcpPort)
 	var p filter.Packet
 	add(bench("decode/tcp-syn-ipv4", benchtime, func(b *testing.B) {
 		for b.Loop() {
