@@ -3,11 +3,12 @@
 # modules and cached) and must run as root for the network-namespace lab.
 GO ?= go
 BIN := bin/sluice
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
 .PHONY: build test lint demo bench bench-quick image deps kube-assets clean
 
 build:
-	$(GO) build -o $(BIN) ./cmd/sluice
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/sluice
 
 deps:
 	bash hack/deps.sh

@@ -114,7 +114,8 @@ type Options struct {
 
 // PodRef names a pod.
 type PodRef struct {
-	Namespace, Name string
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
 }
 
 func (p PodRef) String() string { return p.Namespace + "/" + p.Name }
