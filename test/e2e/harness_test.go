@@ -92,7 +92,10 @@ var (
 )
 
 // clusterYAML renders the namespaces and pods as a state file, followed by policy documents.
-func clusterYAML(policies ...string) string {
+func clusterYAML(policies ...string) string { return clusterYAMLOn(nil, policies...) }
+
+// clusterYAMLOn is clusterYAML with spec.nodeName set from nodes (pod name -> node).
+func clusterYAMLOn(nodes map[string]string, policies ...string) string {
 	var b strings.Builder
 	for _, ns := range []string{"production", "monitoring", "kube-system", "default"} {
 		fmt.Fprintf(&b, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: %s\n  labels:\n", ns)
@@ -110,7 +113,11 @@ func clusterYAML(policies ...string) string {
 				fmt.Fprintf(&b, "    %s: %s\n", k, v)
 			}
 		}
-		b.WriteString("spec:\n  containers:\n  - name: c\n    image: busybox\nstatus:\n  phase: Running\n")
+		b.WriteString("spec:\n")
+		if n := nodes[p.name]; n != "" {
+			fmt.Fprintf(&b, "  nodeName: %s\n", n)
+		}
+		b.WriteString("  containers:\n  - name: c\n    image: busybox\nstatus:\n  phase: Running\n")
 		fmt.Fprintf(&b, "  podIP: %q\n  podIPs:\n", p.ips[0])
 		for _, ip := range p.ips {
 			fmt.Fprintf(&b, "  - ip: %q\n", ip)
@@ -141,6 +148,9 @@ type world struct {
 	hosts map[string]*netlab.Host
 	dir   string
 	state string
+	// node and nodes: --node of the agent and the pods' spec.nodeName (empty: every pod local).
+	node  string
+	nodes map[string]string
 }
 
 func newWorld(t *testing.T) *world {
@@ -186,7 +196,7 @@ func newWorld(t *testing.T) *world {
 func (w *world) writeState(policies ...string) {
 	w.t.Helper()
 	tmp := w.state + ".tmp"
-	if err := os.WriteFile(tmp, []byte(clusterYAML(policies...)), 0o644); err != nil {
+	if err := os.WriteFile(tmp, []byte(clusterYAMLOn(w.nodes, policies...)), 0o644); err != nil {
 		w.t.Fatal(err)
 	}
 	if err := os.Rename(tmp, w.state); err != nil {
@@ -194,14 +204,14 @@ func (w *world) writeState(policies ...string) {
 	}
 }
 
-// snapshot compiles the current state file the way the agent does (no --node: all local).
+// snapshot compiles the current state file the way the agent does (w.node is its --node).
 func (w *world) snapshot() *policy.Snapshot {
 	w.t.Helper()
 	st, _, err := policy.LoadFile(w.state)
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	s, err := policy.Compile(st, policy.Options{})
+	s, err := policy.Compile(st, policy.Options{Node: w.node})
 	if err != nil {
 		w.t.Fatal(err)
 	}

@@ -175,3 +175,24 @@ spec:
 	a.waitLog(`msg="packet accepted" verdict=accept src=production/frontend dst=production/backend proto=SCTP port=3868 reason=rule`, 5*time.Second)
 	a.waitLog(`msg="packet dropped" verdict=drop src=production/other dst=production/backend proto=SCTP port=3868 reason=ingress-denied`, 5*time.Second)
 }
+
+// With --node only the pods scheduled on this node are enforced here: their egress and their
+// ingress. A remote pod's ingress is its own node's job, and traffic between two remote pods
+// does not concern this node at all.
+func TestNodeLocalPods(t *testing.T) {
+	w := newWorld(t)
+	w.node = "node-a"
+	w.nodes = map[string]string{"frontend": "node-a", "backend": "node-a", "database": "node-b",
+		"other": "node-b", "prometheus": "node-b", "coredns": "node-b", "decoy": "node-a"}
+	w.writeState(example(t, "default-deny-ingress.yaml"), example(t, "default-deny-egress.yaml"))
+	w.startAgent("--state", w.state, "--node", "node-a", "--fail-open=false")
+	w.check([]flow{
+		deny("other", "backend", tcp, 8080),     // local destination isolated for ingress
+		deny("backend", "prometheus", tcp, 80),  // local source isolated for egress
+		deny("frontend", "backend", tcp, 8080),  // both local
+		allow("other", "database", tcp, 5432),   // both remote: not this node's business
+		allow("prometheus", "other", udp, 53),   // both remote
+		allow("decoy", "database", tcp, 5432),   // local unisolated source; remote ingress is node-b's job
+		allow("ext-web", "prometheus", tcp, 80), // outside to remote
+	})
+}
