@@ -41,8 +41,8 @@ type Side struct {
 	Allowed           bool     `json:"allowed"`
 	// MatchedBy is every rule that allows the flow (empty when denied or not isolated).
 	MatchedBy []RuleRef `json:"matchedBy,omitempty"`
-	// Unmatched says, rule by rule, why each rule of the isolating policies did not allow
-	// the flow (only when the side denies).
+	// Unmatched says, rule by rule, why each rule of the isolating policies that did not
+	// allow the flow missed it (its ports, or its peers).
 	Unmatched []string `json:"unmatched,omitempty"`
 	// Why is one human sentence.
 	Why string `json:"why"`
