@@ -22,6 +22,7 @@ lint:
 
 test: deps kube-assets lint
 	KUBEBUILDER_ASSETS=$$(bash hack/kube-assets.sh --print-dir) $(GO) test -count=1 -timeout 60m ./...
+	$(GO) test ./filter -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime 15s
 
 demo: build deps
 	$(GO) run ./internal/demo -sluice $(BIN)
