@@ -221,6 +221,9 @@ func diffMismatch(st *policy.State, opt policy.Options, snap *policy.Snapshot, f
 		return fmt.Sprintf("flow %s -> %s %d/%s (node %q): Decide=%v/%s Explain=%v/%s Reference=%v/%s",
 			f.Src, f.Dst, f.Port, f.Proto, opt.Node, got.Allowed, got.Reason, ex.Allowed, ex.Reason, want.Allowed, want.Reason)
 	}
+	if ex.Protocol != f.Proto.String() || ex.Port != f.Port {
+		return fmt.Sprintf("flow %s -> %s %d/%s: Explain says %d/%s", f.Src, f.Dst, f.Port, f.Proto, ex.Port, ex.Protocol)
+	}
 	eg, in := policy.RefSides(st, opt, f)
 	for _, c := range []struct {
 		dir  policy.Direction
