@@ -141,14 +141,16 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 			case <-t.C:
 			}
 		}
+		// Drain the wake-up before taking the changes: a change that lands in between is then
+		// either in this compile or wakes the next one, never lost and never mis-timed.
+		select {
+		case <-s.kick:
+		default:
+		}
 		s.mu.Lock()
 		at := s.dirtyAt
 		s.dirtyAt = time.Time{}
 		s.mu.Unlock()
-		select { // the changes taken above are in this compile
-		case <-s.kick:
-		default:
-		}
 
 		snap, err := s.compile(c, s.state())
 		if err != nil {
