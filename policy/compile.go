@@ -301,7 +301,7 @@ func (c *compiler) policy(np *networkingv1.NetworkPolicy) error {
 }
 
 func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (int32, error) {
-	r := crule{policy: pol, dir: dir, index: index, allPeers: len(peers) == 0, allPorts: len(ports) == 0}
+	r := crule{policy: pol, dir: dir, index: int32(index), allPeers: len(peers) == 0, allPorts: len(ports) == 0}
 	peerField := "from"
 	if dir == Egress {
 		peerField = "to"
@@ -320,14 +320,14 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 				return 0, fmt.Errorf("%s.ipBlock: %w", field, err)
 			}
 			all.AddSet(set)
-			r.blockPeers = append(r.blockPeers, blockPeer{index: i, set: liteOf(set)})
+			r.blockPeers = append(r.blockPeers, blockPeer{index: int32(i), set: liteOf(set)})
 		case hasSel:
 			si, err := c.peerSet(ns, peer)
 			if err != nil {
 				return 0, fmt.Errorf("%s.%w", field, err)
 			}
 			r.peerSets = append(r.peerSets, si)
-			r.peerIdx = append(r.peerIdx, i)
+			r.peerIdx = append(r.peerIdx, int32(i))
 		default:
 			return 0, fmt.Errorf("%s: a peer needs podSelector, namespaceSelector or ipBlock", field)
 		}
@@ -349,14 +349,15 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 				return 0, fmt.Errorf("%s.protocol: %q is not TCP, UDP or SCTP", field, *p.Protocol)
 			}
 		}
-		cp := cport{proto: proto, name: -1, index: i}
+		cp := cport{proto: proto, name: -1, index: int32(i)}
+		var text string
 		switch {
 		case p.Port == nil:
 			if p.EndPort != nil {
 				return 0, fmt.Errorf("%s.endPort: needs a numeric port", field)
 			}
 			cp.anyNum = true
-			cp.text = "all " + proto.String() + " ports"
+			text = "all " + proto.String() + " ports"
 		case p.Port.Type == intstr.String:
 			if p.EndPort != nil {
 				return 0, fmt.Errorf("%s.endPort: not allowed with the named port %q", field, p.Port.StrVal)
@@ -365,7 +366,7 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 				return 0, fmt.Errorf("%s.port: empty port name", field)
 			}
 			cp.name = c.portName(p.Port.StrVal)
-			cp.text = p.Port.StrVal + "/" + proto.String()
+			text = p.Port.StrVal + "/" + proto.String()
 		default:
 			lo := p.Port.IntVal
 			hi := lo
@@ -379,13 +380,14 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 				return 0, fmt.Errorf("%s.endPort: %d must be between port %d and 65535", field, hi, lo)
 			}
 			cp.lo, cp.hi = uint16(lo), uint16(hi)
-			cp.text = strconv.Itoa(int(lo))
+			text = strconv.Itoa(int(lo))
 			if hi != lo {
-				cp.text += "-" + strconv.Itoa(int(hi))
+				text += "-" + strconv.Itoa(int(hi))
 			}
-			cp.text += "/" + proto.String()
+			text += "/" + proto.String()
 		}
 		r.ports = append(r.ports, cp)
+		r.portText = append(r.portText, text)
 	}
 	c.s.rules = append(c.s.rules, r)
 	return int32(len(c.s.rules) - 1), nil

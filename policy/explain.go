@@ -83,7 +83,7 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 	peerName := s.Describe(peerIP)
 	for _, ri := range s.ruleIdx[rules.lo:rules.hi] {
 		r := &s.rules[ri]
-		ref := RuleRef{Policy: s.policies[r.policy].name, Direction: dir, Rule: r.index}
+		ref := RuleRef{Policy: s.policies[r.policy].name, Direction: dir, Rule: int(r.index)}
 		at := fmt.Sprintf("%s %s rule %d", ref.Policy, word, r.index)
 		port := s.portIndex(r, f, dst, dstPod)
 		if port < -1 {
@@ -113,9 +113,5 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 }
 
 func (r *crule) portsText() string {
-	parts := make([]string, len(r.ports))
-	for i := range r.ports {
-		parts[i] = r.ports[i].text
-	}
-	return strings.Join(parts, ", ")
+	return strings.Join(r.portText, ", ")
 }

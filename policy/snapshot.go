@@ -80,36 +80,37 @@ type cpolicy struct {
 	name string // namespace/name
 }
 
+// crule is one compiled rule. The fields Decide reads come first, so a rule's hot part
+// shares a cache line; the rest serves Explain.
 type crule struct {
-	policy int32
-	dir    Direction
-	index  int
-	// allPeers: the rule has no from/to, so every peer matches.
-	allPeers bool
+	allPeers bool // no from/to: every peer matches
+	allPorts bool // no ports: every port and protocol matches
+	ports    []cport
 	// peerSets indexes Snapshot.sets, one per pod-selecting peer, in spec order.
 	peerSets []int32
-	peerIdx  []int // spec index of each entry of peerSets
 	// blocks holds the union of the rule's ipBlock peers; nil when it has none.
 	blocks *bart.Lite
-	// blockPeers are the ipBlock peers one by one, for Explain.
-	blockPeers []blockPeer
-	// allPorts: the rule has no ports, so every port and protocol matches.
-	allPorts bool
-	ports    []cport
+
+	peerIdx    []int32     // spec index of each entry of peerSets
+	blockPeers []blockPeer // the ipBlock peers one by one
+	portText   []string    // each port as written, parallel to ports
+	policy     int32
+	index      int32
+	dir        Direction
 }
 
 type blockPeer struct {
-	index int
+	index int32
 	set   *bart.Lite
 }
 
+// cport is one port entry: 16 bytes.
 type cport struct {
-	proto  Protocol
-	anyNum bool // only a protocol was given
 	lo, hi uint16
 	name   int32 // >= 0 for a named port
-	index  int
-	text   string // as written, for Explain
+	index  int32 // position in the rule's ports
+	proto  Protocol
+	anyNum bool // only a protocol was given
 }
 
 // Generation is Options.Generation at compile time.
@@ -182,13 +183,13 @@ func (s *Snapshot) portIndex(r *crule, f Flow, dst int32, dstIsPod bool) int {
 		}
 		switch {
 		case p.anyNum:
-			return p.index
+			return int(p.index)
 		case p.name >= 0:
 			if dstIsPod && s.hasNamedPort(dst, p.name, f.Proto, f.Port) {
-				return p.index
+				return int(p.index)
 			}
 		case f.Port >= p.lo && f.Port <= p.hi:
-			return p.index
+			return int(p.index)
 		}
 	}
 	return -2
@@ -203,14 +204,14 @@ func (r *crule) peerIndex(s *Snapshot, ip netip.Addr, pi int32, isPod bool) int 
 	if isPod {
 		for i, si := range r.peerSets {
 			if s.sets[si].contains(pi) {
-				return r.peerIdx[i]
+				return int(r.peerIdx[i])
 			}
 		}
 	}
 	if r.blocks != nil && r.blocks.Contains(ip) {
 		for _, b := range r.blockPeers {
 			if b.set.Contains(ip) {
-				return b.index
+				return int(b.index)
 			}
 		}
 	}
