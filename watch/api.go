@@ -300,8 +300,8 @@ func (s *APISource) state() *policy.State {
 	pods := s.pods.GetStore().List()
 	st.Pods = make([]corev1.Pod, 0, len(pods))
 	for _, o := range pods {
-		if p, ok := o.(*corev1.Pod); ok {
-			st.Pods = append(st.Pods, *p)
+		if p, ok := o.(*cachedPod); ok {
+			st.Pods = append(st.Pods, p.pod())
 		}
 	}
 	for _, o := range s.pols.GetStore().List() {
@@ -417,34 +417,14 @@ func (s *APISource) forgetBad(pols []networkingv1.NetworkPolicy) {
 
 // trim keeps only what policy needs of an object, so tens of thousands of pods fit in little
 // memory: no managedFields, annotations (kubectl's last-applied copy can be kilobytes), status
-// conditions, volumes, env. It may see an object it trimmed already, so it is idempotent.
+// conditions, volumes, env; pods become cachedPods. It may see an object it trimmed already, so
+// it is idempotent.
 func trim(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *corev1.Pod:
-		p := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, UID: o.UID, ResourceVersion: o.ResourceVersion},
-			Spec:       corev1.PodSpec{NodeName: o.Spec.NodeName, HostNetwork: o.Spec.HostNetwork},
-			Status:     corev1.PodStatus{Phase: o.Status.Phase, PodIP: o.Status.PodIP, PodIPs: o.Status.PodIPs},
-		}
-		if policy.Participates(o) {
-			// Labels and ports matter only for pods that carry traffic; an update that makes
-			// a pod take part arrives as a whole object and is trimmed again.
-			p.Labels = o.Labels
-			for _, c := range o.Spec.Containers {
-				if ports := namedPorts(c.Ports); len(ports) > 0 {
-					p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: c.Name, Ports: ports})
-				}
-			}
-			for _, c := range o.Spec.InitContainers {
-				// Restartable init containers (sidecars) serve ports like containers do.
-				if c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
-					if ports := namedPorts(c.Ports); len(ports) > 0 {
-						p.Spec.InitContainers = append(p.Spec.InitContainers, corev1.Container{Name: c.Name, Ports: ports, RestartPolicy: c.RestartPolicy})
-					}
-				}
-			}
-		}
-		return p, nil
+		return newCachedPod(o), nil
+	case *cachedPod:
+		return o, nil
 	case *corev1.Namespace:
 		return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: o.Name, UID: o.UID, ResourceVersion: o.ResourceVersion, Labels: o.Labels}}, nil
 	case *networkingv1.NetworkPolicy:
@@ -472,10 +452,9 @@ func namedPorts(in []corev1.ContainerPort) []corev1.ContainerPort {
 // differ only in resourceVersion.
 func relevantChange(old, cur any) bool {
 	switch o := old.(type) {
-	case *corev1.Pod:
-		c, ok := cur.(*corev1.Pod)
-		return !ok || !apiequality.Semantic.DeepEqual(o.Labels, c.Labels) || !apiequality.Semantic.DeepEqual(o.Spec, c.Spec) ||
-			!apiequality.Semantic.DeepEqual(o.Status, c.Status)
+	case *cachedPod:
+		c, ok := cur.(*cachedPod)
+		return !ok || !o.samePolicyView(c)
 	case *corev1.Namespace:
 		c, ok := cur.(*corev1.Namespace)
 		return !ok || !apiequality.Semantic.DeepEqual(o.Labels, c.Labels)

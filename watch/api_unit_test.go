@@ -96,7 +96,20 @@ func TestTrimKeepsWhatPolicyReads(t *testing.T) {
 			Conditions: []corev1.PodCondition{{Type: corev1.PodReady}}},
 	}
 	o, _ := trim(in)
-	p := o.(*corev1.Pod)
+	cp := o.(*cachedPod)
+	if cp.GetName() != "p" || cp.GetNamespace() != "a" || cp.GetResourceVersion() != "3" {
+		t.Errorf("the cache entry lost its identity: %+v", cp.ObjectMeta)
+	}
+	cpCopy := cp.DeepCopyObject().(*cachedPod)
+	if !cpCopy.samePolicyView(cp) {
+		t.Error("DeepCopyObject changed the entry")
+	}
+	cpCopy.Labels["x"] = "changed"
+	if cp.Labels["x"] != "y" {
+		t.Error("DeepCopyObject shares the labels")
+	}
+	pod := cp.pod()
+	p := &pod
 	if p.Annotations != nil || p.ManagedFields != nil || p.Status.Conditions != nil || p.Spec.Containers[0].Env != nil || p.Spec.Containers[0].Image != "" {
 		t.Errorf("trim kept what policy does not read: %+v", p)
 	}
@@ -105,20 +118,20 @@ func TestTrimKeepsWhatPolicyReads(t *testing.T) {
 		len(p.Spec.InitContainers) != 1 || p.Spec.InitContainers[0].Name != "side" {
 		t.Errorf("trim lost what policy reads: %+v", p)
 	}
-	again, _ := trim(p)
-	if relevantChange(p, again) {
+	again, _ := trim(cp)
+	if relevantChange(cp, again) {
 		t.Error("trim is not idempotent")
 	}
 	moved := in.DeepCopy()
 	moved.Status.Conditions = append(moved.Status.Conditions, corev1.PodCondition{Type: corev1.ContainersReady})
 	moved.ResourceVersion = "4"
 	m2, _ := trim(moved)
-	if relevantChange(p, m2) {
+	if relevantChange(cp, m2) {
 		t.Error("a condition-only update counted as a change")
 	}
 	moved.Labels = map[string]string{"x": "z"}
 	m3, _ := trim(moved)
-	if !relevantChange(p, m3) {
+	if !relevantChange(cp, m3) {
 		t.Error("a label change not counted")
 	}
 }
