@@ -447,6 +447,8 @@ func (h *harness) step(ctx context.Context, st step, round int) {
 		var prof chan string
 		if w.profile && round == 0 {
 			prof = h.captureProfile(a)
+			// Let the profiler attach before the load starts, so it covers the run.
+			time.Sleep(300 * time.Millisecond)
 		}
 		rr, err := h.measure(ctx, a, w)
 		if prof != nil {

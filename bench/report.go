@@ -233,7 +233,7 @@ func (h *harness) captureProfile(a *active) chan string {
 			return
 		}
 		f := filepath.Join(h.tmp, "perf.data")
-		rec := exec.Command("perf", "record", "-q", "-F", "4999", "-g", "-p", fmt.Sprint(a.pid()), "-o", f, "--", "sleep", fmt.Sprint(secs))
+		rec := exec.Command("perf", "record", "-q", "-F", "4999", "-g", "-p", fmt.Sprint(a.pid()), "-o", f, "--", "sleep", fmt.Sprintf("%.2f", h.o.duration.Seconds()+0.2))
 		if out, err := rec.CombinedOutput(); err != nil {
 			h.note("perf record of %s failed: %v: %s", a.cfg.label(), err, firstLines(string(out), 3))
 			ch <- ""
@@ -401,7 +401,14 @@ func (h *harness) writeReport(s *summary) error {
 		if v > 15 {
 			mark = "**not met**"
 		}
-		fmt.Fprintf(&b, "| per-packet user-space p99 ≤ 15 µs | %.1f µs | %s |\n", v, mark)
+		fmt.Fprintf(&b, "| per-packet user-space p99 ≤ 15 µs (new TCP connections, agent competing with the clients for the CPUs) | %.1f µs | %s |\n", v, mark)
+		if hs, ok := h.agentHist[sluiceCfg("sluice queue-all 1q", 1, "queue-all", false, h.o.base).label()]; ok && hs.Count > 0 {
+			mark := "met"
+			if hs.P99us > 15 {
+				mark = "**not met**"
+			}
+			fmt.Fprintf(&b, "| per-packet user-space p99 ≤ 15 µs (UDP queue-all, senders at lower priority) | %.1f µs | %s |\n", hs.P99us, mark)
+		}
 	} else {
 		fmt.Fprintf(&b, "| per-packet user-space p99 ≤ 15 µs | n/a | not measured (no histogram scraped) |\n")
 	}
@@ -410,6 +417,17 @@ func (h *harness) writeReport(s *summary) error {
 	r := ratio(q2, q1)
 	fmt.Fprintf(&b, "| UDP queue-all: 2 queues ≥ 1.7 × 1 queue | %s | %s |\n\n", fmtRatio(r), verdictMark(r, 1.7))
 
+	var per, cpu []string
+	for _, c := range h.o.clients {
+		sl, bare := h.find("sluice", "tcp", c, h.o.base), h.find("bare-nfqueue", "tcp", c, 0)
+		per = append(per, fmt.Sprintf("%d: %s", c, fmtRatio(ratio(sl, bare))))
+		if sl != nil && bare != nil {
+			x := sl.stat(func(r runResult) float64 { return r.ReaderCPU }).med / bare.stat(func(r runResult) float64 { return r.ReaderCPU }).med
+			cpu = append(cpu, fmt.Sprintf("%d: %.2f", c, x))
+		}
+	}
+	fmt.Fprintf(&b, "sluice ÷ bare NFQUEUE loop at each client count (conn/s): %s. Reader CPU per connection, sluice ÷ bare loop: %s.\n\n",
+		strings.Join(per, ", "), strings.Join(cpu, ", "))
 	fmt.Fprintf(&b, "## New TCP connections per second vs concurrent clients (%d policies)\n\n", h.o.base)
 	fmt.Fprintf(&b, "![rate vs clients](rate_vs_clients.png)\n\n")
 	fmt.Fprintf(&b, "| configuration | clients | conn/s median (min–max) | vs no filter | connect p50 µs | connect p99 µs | reader CPU µs/conn | machine busy | errors |\n|---|---|---|---|---|---|---|---|---|\n")
