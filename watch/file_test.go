@@ -220,3 +220,48 @@ func metricValue(m prometheus.Metric) float64 {
 	}
 	panic("metricValue: not a counter or gauge")
 }
+
+// A ConfigMap volume never writes the file itself: it writes a new timestamped directory and
+// swaps the "..data" symlink to it by rename. The source must follow that too.
+func TestFileSourceConfigMapSwap(t *testing.T) {
+	dir := t.TempDir()
+	version := func(name, content string) {
+		if err := os.Mkdir(filepath.Join(dir, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name, "state.yaml"), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		tmp := filepath.Join(dir, "..data_tmp")
+		if err := os.Symlink(name, tmp); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(dir, "..data")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	version("..2026_11_25_08_00_00.1", fileStateHeader+dbPolicy("5432"))
+	if err := os.Symlink(filepath.Join("..data", "state.yaml"), filepath.Join(dir, "state.yaml")); err != nil {
+		t.Fatal(err)
+	}
+
+	src := NewFileSource(filepath.Join(dir, "state.yaml"), policy.Options{}, testLogger(t))
+	src.Debounce = 20 * time.Millisecond
+	ch := make(chan *policy.Snapshot, 16)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, func(s *policy.Snapshot) { ch <- s }) }()
+	defer func() { cancel(); <-done }()
+
+	if v := nextSnap(t, ch, "first load").Decide(webToDB(5432)); !v.Allowed {
+		t.Fatalf("web->db:5432 denied by the first snapshot: %v", v)
+	}
+	version("..2026_11_25_08_05_00.2", fileStateHeader+dbPolicy("6379"))
+	s := nextSnap(t, ch, "ConfigMap-style symlink swap")
+	if v := s.Decide(webToDB(6379)); !v.Allowed {
+		t.Errorf("web->db:6379 denied after the swap: %v", v)
+	}
+	if v := s.Decide(webToDB(5432)); v.Allowed {
+		t.Errorf("web->db:5432 still allowed after the swap: %v", v)
+	}
+}
