@@ -176,12 +176,30 @@ func TestAgentClusterModeEnforcesSeedThreeTier(t *testing.T) {
 	waitAll("no policies: every connection allowed", func(flow) bool { return true })
 
 	policies := seedThreeTier(t, filepath.Join(root, "deploy", "examples", "three-tier.yaml"))
+	applied := time.Now()
 	for i := range policies {
 		if _, err := c.NetworkingV1().NetworkPolicies("production").Create(ctx, &policies[i], metav1.CreateOptions{}); err != nil {
 			t.Fatalf("creating %s: %v", policies[i].Name, err)
 		}
 	}
 	t.Logf("applied %d seed policies through client-go", len(policies))
+	// Real-packet propagation: from the first create call until a new frontend -> database
+	// connection is dropped (probes with a short timeout, so the figure is within ~250 ms).
+	fe, db := pods["frontend"], pods["database"]
+	for {
+		ok, err := lab.Probe(fe.host, db.ip, netlab.TCP, db.port, 250*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			t.Logf("policy create -> first dropped frontend->database connection: %v (real packets, 250 ms probe timeout included)", time.Since(applied).Round(time.Millisecond))
+			break
+		}
+		if time.Since(applied) > 45*time.Second {
+			t.Fatalf("frontend -> database still connects 45 s after the policies were created:\n%s", agent.tail())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	waitAll("three-tier policies applied", func(f flow) bool { return f.withPolicies })
 	if !strings.Contains(agent.tail(), "production/database") {
 		t.Errorf("the agent logged no drop naming production/database; log:\n%s", agent.tail())
