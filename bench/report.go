@@ -594,8 +594,10 @@ func (h *harness) plots(dir string) error {
 	p.Title.Text = fmt.Sprintf("Connection setup latency vs policies (%d clients)", h.headlineClients())
 	p.X.Label.Text = "NetworkPolicies"
 	p.Y.Label.Text = "connect() µs"
-	p.Legend.Top = true
-	p.Legend.Left = true
+	// p99 lines run along the top and p50 lines along the bottom: the legend goes between.
+	p.Legend.Top = false
+	p.Legend.Left = false
+	p.Legend.YOffs = 1.3 * vg.Inch
 	lines = nil
 	for _, name := range []string{"iptables-policies", "sluice", "sluice+offload"} {
 		var p50, p99 plotter.XYs
