@@ -74,7 +74,7 @@ type compiler struct {
 	nsPods   map[string][]int32            // namespace -> its participating pods
 	labels   []labels.Set                  // pod index -> the pod's labels (only needed while compiling)
 	byLabel  map[string]map[string][]int32 // label key -> value -> pods, ascending
-	ingress  [][]int32                     // pod index -> rules, flattened into Snapshot.ruleIdx at the end
+	ingress  [][]int32                     // pod index -> rules, flattened into Snapshot.entries at the end
 	egress   [][]int32
 	ports    [][]namedPort
 	selCache map[string]int32 // peer selector key -> index in s.sets
@@ -191,17 +191,27 @@ func (c *compiler) pods(in []corev1.Pod) {
 	c.egress = make([][]int32, len(s.pods))
 }
 
-// flatten lays the per-pod rule and named-port lists out in the snapshot's flat arrays.
+// flatten lays the per-pod rules and named ports out in the snapshot's flat arrays.
 func (c *compiler) flatten() {
 	s := c.s
 	s.hot = make([]podHot, len(s.pods))
-	put := func(list []int32) span {
-		lo := uint32(len(s.ruleIdx))
-		s.ruleIdx = append(s.ruleIdx, list...)
-		return span{lo, uint32(len(s.ruleIdx))}
+	put := func(rules []int32) span {
+		lo := uint32(len(s.entries))
+		for _, ri := range rules {
+			r := &s.rules[ri]
+			if r.allPorts {
+				s.entries = append(s.entries, portEntry{rule: ri, name: -1})
+				continue
+			}
+			for _, p := range r.ports {
+				s.entries = append(s.entries, portEntry{lo: p.lo, hi: p.hi, name: p.name, rule: ri, proto: p.proto, anyNum: p.anyNum})
+			}
+		}
+		return span{lo, uint32(len(s.entries))}
 	}
 	for i := range s.pods {
 		p, h := &s.pods[i], &s.hot[i]
+		p.ingressRules, p.egressRules = c.ingress[i], c.egress[i]
 		h.ingress, h.egress = put(c.ingress[i]), put(c.egress[i])
 		lo := uint32(len(s.ports))
 		s.ports = append(s.ports, c.ports[i]...)

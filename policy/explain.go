@@ -62,9 +62,9 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 	if !p.local {
 		return Side{Allowed: true, Why: fmt.Sprintf("%s runs on node %q; its %s is enforced there", p.ref, p.node, word)}
 	}
-	rules, by := s.hot[self].ingress, p.ingressBy
+	rules, by := p.ingressRules, p.ingressBy
 	if dir == Egress {
-		rules, by = s.hot[self].egress, p.egressBy
+		rules, by = p.egressRules, p.egressBy
 	}
 	sd := Side{Enforced: true, Isolated: len(by) > 0}
 	if !sd.Isolated {
@@ -81,7 +81,7 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 		dst, dstPod = self, true
 	}
 	peerName := s.Describe(peerIP)
-	for _, ri := range s.ruleIdx[rules.lo:rules.hi] {
+	for _, ri := range rules {
 		r := &s.rules[ri]
 		ref := RuleRef{Policy: s.policies[r.policy].name, Direction: dir, Rule: int(r.index)}
 		at := fmt.Sprintf("%s %s rule %d", ref.Policy, word, r.index)
@@ -104,7 +104,7 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 	case sd.Allowed:
 		m := sd.MatchedBy[0]
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s; %s %s rule %d allows %s on %s/%d", p.ref, word, policies, m.Policy, word, m.Rule, peerName, f.Proto, f.Port)
-	case rules.lo == rules.hi:
+	case len(rules) == 0:
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s, which allow no %s at all", p.ref, word, policies, word)
 	default:
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s and no %s rule allows %s on %s/%d", p.ref, word, policies, word, peerName, f.Proto, f.Port)

@@ -12,10 +12,11 @@ import (
 // Layout, chosen so that Decide touches few cache lines and never allocates:
 //   - by4 and by6 map every participating pod address to its pod (one map lookup per end,
 //     keyed by the address bytes so the key is small and hashes fast);
-//   - hot holds, per pod, only what Decide reads (28 bytes: locality, isolation and the ranges
-//     of its rules and named ports in two flat arrays), apart from the names and addresses
-//     Explain needs; a pod's rules are those of the policies selecting it, per direction, so
-//     Decide never scans unrelated policies;
+//   - hot holds, per pod, only what Decide reads (28 bytes: locality, isolation and ranges of
+//     two flat arrays), apart from the names and addresses Explain needs;
+//   - entries lays out, per pod and direction, the port entries of every rule of the policies
+//     selecting it (16 bytes each, contiguous), so Decide never scans unrelated policies and
+//     only touches a rule (for its peers) when one of its ports matches;
 //   - each distinct peer selector is resolved once to a podSet (bitset or sorted list);
 //   - each rule's ipBlocks (cidr minus except, over all its peers) are flattened into one
 //     disjoint prefix set held in a bart.Lite routing table.
@@ -24,7 +25,7 @@ type Snapshot struct {
 	by4      map[[4]byte]int32
 	by6      map[[16]byte]int32
 	hot      []podHot
-	ruleIdx  []int32     // podHot ranges index this: indexes into rules
+	entries  []portEntry // podHot.ingress and .egress ranges index this
 	ports    []namedPort // podHot.ports ranges index this
 	pods     []cpod
 	rules    []crule
@@ -49,7 +50,7 @@ type span struct{ lo, hi uint32 }
 
 // podHot is what Decide reads of a pod.
 type podHot struct {
-	ingress, egress span // into Snapshot.ruleIdx
+	ingress, egress span // into Snapshot.entries
 	ports           span // into Snapshot.ports
 	flags           uint8
 }
@@ -60,12 +61,24 @@ const (
 	podEgressIsolated
 )
 
+// portEntry is one port of one rule that applies to a pod, or the whole rule when it has no
+// ports (proto 0).
+type portEntry struct {
+	lo, hi uint16
+	name   int32 // >= 0 for a named port
+	rule   int32 // index into Snapshot.rules
+	proto  Protocol
+	anyNum bool // only a protocol was given
+}
+
 // cpod is the rest of a pod, for Explain and listings.
 type cpod struct {
 	ref   PodRef
 	node  string
 	local bool
 	ips   []netip.Addr
+	// Rules (indexes into Snapshot.rules) that apply to this pod, per direction.
+	ingressRules, egressRules []int32
 	// Policies (indexes into Snapshot.policies) that isolate this pod, per direction.
 	ingressBy, egressBy []int32
 }
@@ -155,15 +168,32 @@ func (s *Snapshot) lookup(a netip.Addr) (int32, bool) {
 	return i, ok
 }
 
-// anyRule reports whether one of rules lets the peer (peerIP, and peer pod pi when peerIsPod)
-// through on f's protocol and port; named ports resolve against the destination pod dst.
-func (s *Snapshot) anyRule(rules span, peerIP netip.Addr, pi int32, peerIsPod bool, dst int32, dstIsPod bool, f Flow) bool {
-	for _, ri := range s.ruleIdx[rules.lo:rules.hi] {
-		r := &s.rules[ri]
-		if s.portIndex(r, f, dst, dstIsPod) < -1 {
+// anyRule reports whether one of the port entries in es lets the peer (peerIP, and peer pod
+// pi when peerIsPod) through on f's protocol and port; named ports resolve against the
+// destination pod dst.
+func (s *Snapshot) anyRule(es span, peerIP netip.Addr, pi int32, peerIsPod bool, dst int32, dstIsPod bool, f Flow) bool {
+	tried := int32(-1) // a rule whose peers were already checked, for rules with several ports
+	for i := es.lo; i < es.hi; i++ {
+		e := &s.entries[i]
+		if e.proto != 0 {
+			if e.proto != f.Proto {
+				continue
+			}
+			switch {
+			case e.anyNum:
+			case e.name >= 0:
+				if !dstIsPod || !s.hasNamedPort(dst, e.name, f.Proto, f.Port) {
+					continue
+				}
+			case f.Port < e.lo || f.Port > e.hi:
+				continue
+			}
+		}
+		if e.rule == tried {
 			continue
 		}
-		if r.peerIndex(s, peerIP, pi, peerIsPod) >= -1 {
+		tried = e.rule
+		if s.rules[e.rule].peerIndex(s, peerIP, pi, peerIsPod) >= -1 {
 			return true
 		}
 	}
@@ -171,7 +201,8 @@ func (s *Snapshot) anyRule(rules span, peerIP netip.Addr, pi int32, peerIsPod bo
 }
 
 // portIndex returns the spec index of the first port entry of r that matches f, -1 when r
-// has no ports (all match), or -2 when none matches.
+// has no ports (all match), or -2 when none matches. Explain's counterpart of the port test
+// anyRule makes on the flattened entries.
 func (s *Snapshot) portIndex(r *crule, f Flow, dst int32, dstIsPod bool) int {
 	if r.allPorts {
 		return -1
