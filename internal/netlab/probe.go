@@ -11,28 +11,18 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/sluice-dev/sluice/policy"
 )
 
-// Proto is an IP protocol number; the values equal policy.Protocol's, so a conversion works.
-type Proto uint8
+// Proto is the policy package's protocol number, so probes and verdicts speak of one type.
+type Proto = policy.Protocol
 
 const (
-	TCP  Proto = 6
-	UDP  Proto = 17
-	SCTP Proto = 132
+	TCP  = policy.TCP
+	UDP  = policy.UDP
+	SCTP = policy.SCTP
 )
-
-func (p Proto) String() string {
-	switch p {
-	case TCP:
-		return "TCP"
-	case UDP:
-		return "UDP"
-	case SCTP:
-		return "SCTP"
-	}
-	return "proto-" + strconv.Itoa(int(p))
-}
 
 // ParseProto reads "tcp", "udp" or "sctp" in any case.
 func ParseProto(s string) (Proto, error) {

@@ -266,7 +266,7 @@ func (w *world) check(flows []flow) {
 	snap := w.snapshot()
 	for _, f := range flows {
 		src, dst := w.addrs(f)
-		v := snap.Decide(policy.Flow{Src: src, Dst: dst, Proto: policy.Protocol(f.proto), Port: f.port})
+		v := snap.Decide(policy.Flow{Src: src, Dst: dst, Proto: f.proto, Port: f.port})
 		if v.Allowed != f.want {
 			w.t.Errorf("expectation disagrees with the policy engine (engine: allowed=%v, %v): %v", v.Allowed, v.Reason, f)
 		}
