@@ -9,7 +9,7 @@
 #
 # Binaries are cached by version under $SLUICE_KUBE_ASSETS_CACHE, else
 # /var/cache/sluice/kube-assets (root) or ${XDG_CACHE_HOME:-~/.cache}/sluice/kube-assets.
-# A cold build takes 3-5 minutes on 2 cores; later runs return at once. Concurrent callers
+# A cold build took 9 minutes on 2 quiet cores (Go build cache empty); later runs return at once. Concurrent callers
 # (several test packages) wait on a lock instead of building twice.
 set -euo pipefail
 
@@ -77,7 +77,7 @@ mkdir -p "$work/kube"
   args=(-require="k8s.io/kubernetes@$KUBE_VERSION")
   for m in $mods; do args+=(-replace="$m=$m@$STAGING_VERSION"); done
   go mod edit "${args[@]}"
-  echo "building kube-apiserver $KUBE_VERSION (3-5 minutes on a cold cache)..."
+  echo "building kube-apiserver $KUBE_VERSION (about 9 minutes on 2 cores with a cold cache)..."
   go build -trimpath -ldflags=-s -o "$work/out/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
 )
 
