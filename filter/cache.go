@@ -23,8 +23,7 @@ type cached struct {
 // simplelru allocates one list element when it adds a new key; a hit, and the refresh of a
 // stale key, allocate nothing.
 type FlowCache struct {
-	lru          *simplelru.LRU[policy.Flow, cached]
-	Hits, Misses uint64
+	lru *simplelru.LRU[policy.Flow, cached]
 }
 
 // NewFlowCache makes a cache of size entries (DefaultCacheSize when size <= 0).
@@ -45,10 +44,8 @@ func NewFlowCache(size int) *FlowCache {
 func (c *FlowCache) Decide(s *policy.Snapshot, f policy.Flow) (v policy.Verdict, hit bool) {
 	gen := s.Generation()
 	if e, ok := c.lru.Get(f); ok && e.gen == gen {
-		c.Hits++
 		return e.v, true
 	}
-	c.Misses++
 	v = s.Decide(f)
 	c.lru.Add(f, cached{gen: gen, v: v})
 	return v, false
