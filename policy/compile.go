@@ -26,11 +26,11 @@ import (
 func Compile(st *State, opt Options) (*Snapshot, error) {
 	c := compiler{
 		s: &Snapshot{
-			opt:      opt,
-			by4:      make(map[[4]byte]int32),
-			by6:      make(map[[16]byte]int32),
-			portName: make(map[string]int32),
+			opt: opt,
+			by4: make(map[[4]byte]int32),
+			by6: make(map[[16]byte]int32),
 		},
+		portIDs:  make(map[string]int32),
 		nsLabels: make(map[string]labels.Set),
 		nsPods:   make(map[string][]int32),
 		selCache: make(map[string]int32),
@@ -72,6 +72,7 @@ type compiler struct {
 	nsLabels map[string]labels.Set
 	nsNames  []string                      // sorted, every namespace known from objects or pods
 	nsPods   map[string][]int32            // namespace -> its participating pods
+	portIDs  map[string]int32              // named-port names interned to small ids, only needed while compiling
 	labels   []labels.Set                  // pod index -> the pod's labels (only needed while compiling)
 	byLabel  map[string]map[string][]int32 // label key -> value -> pods, ascending
 	ingress  [][]int32                     // pod index -> rules, flattened into Snapshot.entries at the end
@@ -229,11 +230,11 @@ func (c *compiler) flatten() {
 }
 
 func (c *compiler) portName(name string) int32 {
-	if id, ok := c.s.portName[name]; ok {
+	if id, ok := c.portIDs[name]; ok {
 		return id
 	}
-	id := int32(len(c.s.portName))
-	c.s.portName[name] = id
+	id := int32(len(c.portIDs))
+	c.portIDs[name] = id
 	return id
 }
 

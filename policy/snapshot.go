@@ -31,7 +31,6 @@ type Snapshot struct {
 	rules    []crule
 	policies []cpolicy
 	sets     []podSet
-	portName map[string]int32 // interned named-port names
 	stats    Stats
 }
 
