@@ -8,9 +8,7 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
-	"context"
 	_ "embed"
 	"encoding/json"
 	"errors"
@@ -18,16 +16,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -35,6 +29,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
+	"github.com/sluice-dev/sluice/internal/agentproc"
 	"github.com/sluice-dev/sluice/internal/netlab"
 	"github.com/sluice-dev/sluice/policy"
 )
@@ -244,7 +239,7 @@ func run(sluice, policiesPath string, timeout time.Duration, queueNum int, verbo
 		return 1, err
 	}
 	defer agent.stop()
-	readyIn, err := agent.waitReady(lab, 20*time.Second)
+	readyIn, err := agent.waitReady(20 * time.Second)
 	if err != nil {
 		return 1, err
 	}
@@ -460,46 +455,20 @@ func writeState(path string, app []*endpoint, policies []byte) error {
 
 // agentProc is `sluice agent` running in the lab's node namespace.
 type agentProc struct {
-	cmd     *exec.Cmd
-	metrics string
-	exited  chan struct{}
-
-	mu   sync.Mutex
-	log  []string
-	once sync.Once
+	*agentproc.Proc
+	lab *netlab.Lab
 }
 
 func startAgent(lab *netlab.Lab, bin, state string, queueNum int) (*agentProc, error) {
-	a := &agentProc{metrics: "127.0.0.1:9963", exited: make(chan struct{})}
-	a.cmd = lab.NodeCommand(bin, "agent", "--state", state, "--queue-num", fmt.Sprint(queueNum),
-		"--metrics-addr", a.metrics, "--log-format", "json")
-	pr, pw := io.Pipe()
-	a.cmd.Stdout, a.cmd.Stderr = pw, pw
-	if err := a.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s agent: %w", bin, err)
+	p, err := agentproc.Start(lab.NodeCommand(bin, "agent", "--state", state, "--queue-num", fmt.Sprint(queueNum),
+		"--metrics-addr", agentproc.DefaultMetricsAddr, "--log-format", "json"))
+	if err != nil {
+		return nil, err
 	}
-	go func() {
-		sc := bufio.NewScanner(pr)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			a.mu.Lock()
-			a.log = append(a.log, sc.Text())
-			a.mu.Unlock()
-		}
-	}()
-	go func() {
-		a.cmd.Wait()
-		pw.Close()
-		close(a.exited)
-	}()
-	return a, nil
+	return &agentProc{Proc: p, lab: lab}, nil
 }
 
-func (a *agentProc) lines() []string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return append([]string(nil), a.log...)
-}
+func (a *agentProc) lines() []string { return a.Lines() }
 
 // backend picks the iptables flavour out of the agent's "kernel rules installed" line.
 func (a *agentProc) backend() string {
@@ -516,56 +485,16 @@ func (a *agentProc) backend() string {
 
 // waitReady polls the agent's /readyz from inside the node namespace (where its metrics
 // listener lives) until it answers 200, the agent dies, or the wait runs out.
-func (a *agentProc) waitReady(lab *netlab.Lab, wait time.Duration) (time.Duration, error) {
-	start := time.Now()
-	client := &http.Client{
-		Timeout: time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, network, address string) (net.Conn, error) {
-			var c net.Conn
-			err := lab.Node().Do(func() (err error) {
-				var d net.Dialer
-				c, err = d.DialContext(ctx, network, address)
-				return err
-			})
-			return c, err
-		}},
+func (a *agentProc) waitReady(wait time.Duration) (time.Duration, error) {
+	d, err := a.WaitReady(a.lab.Node().Do, agentproc.DefaultMetricsAddr, wait)
+	if err != nil {
+		return 0, fmt.Errorf("%w; its log:\n  %s", err, strings.Join(a.lines(), "\n  "))
 	}
-	defer client.CloseIdleConnections()
-	last := "no answer yet"
-	for time.Since(start) < wait {
-		select {
-		case <-a.exited:
-			return 0, fmt.Errorf("the agent exited before it was ready (%v); its log:\n  %s", a.cmd.ProcessState, strings.Join(a.lines(), "\n  "))
-		default:
-		}
-		resp, err := client.Get("http://" + a.metrics + "/readyz")
-		if err == nil {
-			body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return time.Since(start), nil
-			}
-			last = fmt.Sprintf("%s: %s", resp.Status, bytes.TrimSpace(body))
-		} else {
-			last = err.Error()
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return 0, fmt.Errorf("the agent was not ready after %v (last /readyz: %s); its log:\n  %s", wait, last, strings.Join(a.lines(), "\n  "))
+	return d, nil
 }
 
 // stop sends SIGTERM and waits for the agent to remove its rules and exit (SIGKILL after 10 s).
-func (a *agentProc) stop() {
-	a.once.Do(func() {
-		a.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-a.exited:
-		case <-time.After(10 * time.Second):
-			a.cmd.Process.Kill()
-			<-a.exited
-		}
-	})
-}
+func (a *agentProc) stop() { a.Stop(10 * time.Second) }
 
 // rulesRemaining returns the sluice rules still in the node namespace ("" when none).
 func rulesRemaining(lab *netlab.Lab) string {

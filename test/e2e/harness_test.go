@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluice-dev/sluice/internal/agentproc"
 	"github.com/sluice-dev/sluice/internal/netlab"
 	"github.com/sluice-dev/sluice/policy"
 )
@@ -303,29 +304,12 @@ func (w *world) check(flows []flow) {
 
 // agent is a running `sluice agent` inside the lab's node namespace.
 type agent struct {
-	t    *testing.T
-	cmd  *exec.Cmd
-	out  *syncBuffer
-	done chan struct{}
-	err  error
+	t *testing.T
+	*agentproc.Proc
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// log is the agent's output so far, for failure messages.
+func (a *agent) log() string { return a.Output() }
 
 // startAgent starts the agent with args and waits until it reports that it runs (rules
 // installed after the first snapshot).
@@ -345,53 +329,30 @@ func (w *world) spawnAgent(args ...string) *agent {
 // spawnAgentEnv starts the agent with extra environment variables, without waiting.
 func (w *world) spawnAgentEnv(env []string, args ...string) *agent {
 	w.t.Helper()
-	a := &agent{t: w.t, out: &syncBuffer{}, done: make(chan struct{})}
-	a.cmd = w.lab.NodeCommand(sluiceBin, append([]string{"agent"}, args...)...)
-	a.cmd.Env = append(os.Environ(), env...)
-	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
-	if err := a.cmd.Start(); err != nil {
+	cmd := w.lab.NodeCommand(sluiceBin, append([]string{"agent"}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	p, err := agentproc.Start(cmd)
+	if err != nil {
 		w.t.Fatal(err)
 	}
-	go func() {
-		a.err = a.cmd.Wait()
-		close(a.done)
-	}()
+	a := &agent{t: w.t, Proc: p}
 	w.t.Cleanup(func() {
 		a.stop()
 		if w.t.Failed() {
-			w.t.Logf("agent log (%s):\n%s", strings.Join(args, " "), a.out.String())
+			w.t.Logf("agent log (%s):\n%s", strings.Join(args, " "), a.log())
 		}
 	})
 	return a
 }
 
 // stop ends the agent with SIGTERM (SIGCONT first, in case it was stopped), then SIGKILL.
-func (a *agent) stop() {
-	if a.exited() {
-		return
-	}
-	a.cmd.Process.Signal(syscall.SIGCONT)
-	a.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-a.done:
-	case <-time.After(10 * time.Second):
-		a.cmd.Process.Kill()
-		<-a.done
-	}
-}
+func (a *agent) stop() { a.Stop(10 * time.Second) }
 
-func (a *agent) exited() bool {
-	select {
-	case <-a.done:
-		return true
-	default:
-		return false
-	}
-}
+func (a *agent) exited() bool { return a.Exited() }
 
 func (a *agent) signal(s syscall.Signal) {
 	a.t.Helper()
-	if err := a.cmd.Process.Signal(s); err != nil {
+	if err := a.Signal(s); err != nil {
 		a.t.Fatalf("signal %v: %v", s, err)
 	}
 }
@@ -402,7 +363,7 @@ func (a *agent) waitState(state byte) {
 	a.t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
-		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", a.cmd.Process.Pid))
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", a.Pid()))
 		all := len(tasks) > 0
 		for _, task := range tasks {
 			b, err := os.ReadFile(task)
@@ -422,38 +383,26 @@ func (a *agent) waitState(state byte) {
 // waitExit waits for the agent to exit and returns its exit code.
 func (a *agent) waitExit(timeout time.Duration) int {
 	a.t.Helper()
-	select {
-	case <-a.done:
-	case <-time.After(timeout):
-		a.t.Fatalf("agent still running after %s; log:\n%s", timeout, a.out.String())
+	code, err := a.Wait(timeout)
+	if err != nil {
+		a.t.Fatalf("agent %v; log:\n%s", err, a.log())
 	}
-	if a.cmd.ProcessState == nil {
-		return -1
-	}
-	return a.cmd.ProcessState.ExitCode()
+	return code
 }
 
 // waitLog waits until the agent's log contains substr.
 func (a *agent) waitLog(substr string, timeout time.Duration) {
 	a.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
-		if strings.Contains(a.out.String(), substr) {
-			return
-		}
-		if a.exited() {
-			a.t.Fatalf("agent exited (%v) before logging %q; log:\n%s", a.err, substr, a.out.String())
-		}
-		time.Sleep(50 * time.Millisecond)
+	if err := a.WaitLog(substr, timeout); err != nil {
+		a.t.Fatalf("%v; log:\n%s", err, a.log())
 	}
-	a.t.Fatalf("agent did not log %q within %s; log:\n%s", substr, timeout, a.out.String())
 }
 
 var genRE = regexp.MustCompile(`policy snapshot in use"? generation=(\d+)`)
 
 // generation is the newest snapshot generation the agent reported.
 func (a *agent) generation() uint64 {
-	m := genRE.FindAllStringSubmatch(a.out.String(), -1)
+	m := genRE.FindAllStringSubmatch(a.log(), -1)
 	if len(m) == 0 {
 		return 0
 	}
@@ -469,7 +418,7 @@ func (w *world) reload(a *agent, policies ...string) {
 	deadline := time.Now().Add(15 * time.Second)
 	for a.generation() <= before {
 		if time.Now().After(deadline) {
-			w.t.Fatalf("agent did not load the new state (generation still %d); log:\n%s", before, a.out.String())
+			w.t.Fatalf("agent did not load the new state (generation still %d); log:\n%s", before, a.log())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

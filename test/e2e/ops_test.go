@@ -101,7 +101,7 @@ func TestStoppedAgentAndHealth(t *testing.T) {
 	w.probeExpect(deny("other", "backend", tcp, 8080))
 	time.Sleep(2 * time.Second) // a watchdog confusing the pause with a stall would act now
 	if a.exited() {
-		t.Fatalf("agent exited after SIGCONT; log:\n%s", a.out.String())
+		t.Fatalf("agent exited after SIGCONT; log:\n%s", a.log())
 	}
 	if st, body, err := w.httpGet("/healthz", 2*time.Second); err != nil || st != 200 {
 		t.Errorf("/healthz after SIGCONT: %d %q %v", st, body, err)
@@ -120,10 +120,10 @@ func TestRulesLifecycle(t *testing.T) {
 	// A second agent on the same queue cannot bind it and must not touch the first one's rules.
 	b := w.spawnAgent("--state", w.state)
 	if code := b.waitExit(20 * time.Second); code == 0 {
-		t.Errorf("second agent on a busy queue exited 0; log:\n%s", b.out.String())
+		t.Errorf("second agent on a busy queue exited 0; log:\n%s", b.log())
 	}
-	if !strings.Contains(b.out.String(), "bind NFQUEUE 100") {
-		t.Errorf("second agent does not say why it failed:\n%s", b.out.String())
+	if !strings.Contains(b.log(), "bind NFQUEUE 100") {
+		t.Errorf("second agent does not say why it failed:\n%s", b.log())
 	}
 	if rules, sets, dump := w.sluiceRules(); rules != rules1 || sets != sets1 {
 		t.Errorf("double start changed the rules: %d/%d -> %d/%d\n%s", rules1, sets1, rules, sets, dump)
@@ -139,7 +139,7 @@ func TestRulesLifecycle(t *testing.T) {
 	w.check([]flow{allow("frontend", "backend", tcp, 8080), deny("other", "backend", tcp, 8080)})
 	c.signal(syscall.SIGTERM)
 	if code := c.waitExit(10 * time.Second); code != 0 {
-		t.Errorf("SIGTERM: exit code %d; log:\n%s", code, c.out.String())
+		t.Errorf("SIGTERM: exit code %d; log:\n%s", code, c.log())
 	}
 	if rules, sets, dump := w.sluiceRules(); rules != 0 || sets != 0 {
 		t.Errorf("SIGTERM left %d rules and %d sets:\n%s", rules, sets, dump)
@@ -371,8 +371,8 @@ func TestAudit(t *testing.T) {
 	a.waitLog(`msg="packet would be dropped (audit)" verdict=audit-drop src=monitoring/prometheus dst=production/frontend proto=TCP port=80 reason=ingress-denied`, 5*time.Second)
 	a.waitLog(`src=production/other dst=production/backend proto=UDP port=53 reason=ingress-denied`, 5*time.Second)
 	a.waitLog(`src=192.0.2.10 dst=production/database proto=TCP port=5432`, 5*time.Second)
-	if !strings.Contains(a.out.String(), "policies=production/deny-all-ingress") {
-		t.Errorf("audit lines do not name the isolating policy:\n%s", a.out.String())
+	if !strings.Contains(a.log(), "policies=production/deny-all-ingress") {
+		t.Errorf("audit lines do not name the isolating policy:\n%s", a.log())
 	}
 }
 
@@ -395,16 +395,16 @@ func TestStuckWorkerWatchdog(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("/healthz still %d %q %v; log:\n%s", st, body, err, a.out.String())
+			t.Fatalf("/healthz still %d %q %v; log:\n%s", st, body, err, a.log())
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
 	if code := a.waitExit(20 * time.Second); code != 3 {
-		t.Errorf("stuck agent exit code %d, want 3; log:\n%s", code, a.out.String())
+		t.Errorf("stuck agent exit code %d, want 3; log:\n%s", code, a.log())
 	}
 	t.Logf("agent exited %s after the stall", time.Since(stuckAt).Round(100*time.Millisecond))
-	if !strings.Contains(a.out.String(), "exiting so that the supervisor restarts the agent") {
-		t.Errorf("no exit reason in the log:\n%s", a.out.String())
+	if !strings.Contains(a.log(), "exiting so that the supervisor restarts the agent") {
+		t.Errorf("no exit reason in the log:\n%s", a.log())
 	}
 	if rules, _, _ := w.sluiceRules(); rules == 0 {
 		t.Error("the watchdog exit must leave the rules (the restarted agent replaces them)")

@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"net/url"
 	"os"
@@ -30,6 +29,7 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
+	"github.com/sluice-dev/sluice/internal/agentproc"
 	"github.com/sluice-dev/sluice/internal/netlab"
 	"github.com/sluice-dev/sluice/watch/kubetest"
 )
@@ -289,50 +289,22 @@ func forwardAPIServer(t *testing.T, lab *netlab.Lab, env *kubetest.Env) {
 	}()
 }
 
+// agentProc is the agent under test, started in the lab's node namespace.
 type agentProc struct {
-	cmd    *exec.Cmd
-	mu     sync.Mutex
-	log    bytes.Buffer
-	exited chan struct{}
+	*agentproc.Proc
 }
 
-func (a *agentProc) Write(p []byte) (int, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.log.Write(p)
-}
-
-func (a *agentProc) tail() string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	s := a.log.String()
-	if len(s) > 6000 {
-		s = "..." + s[len(s)-6000:]
-	}
-	return s
-}
+func (a *agentProc) tail() string { return a.Tail(6000) }
 
 func startAgent(t *testing.T, lab *netlab.Lab, bin, kubeconfig string) *agentProc {
-	a := &agentProc{exited: make(chan struct{})}
-	a.cmd = lab.NodeCommand(bin, "agent", "--kubeconfig", kubeconfig, "--node", node,
-		"--queue-num", "180", "--metrics-addr", "127.0.0.1:9963", "--log-format", "text")
-	a.cmd.Stdout, a.cmd.Stderr = a, a
-	if err := a.cmd.Start(); err != nil {
+	p, err := agentproc.Start(lab.NodeCommand(bin, "agent", "--kubeconfig", kubeconfig, "--node", node,
+		"--queue-num", "180", "--metrics-addr", agentproc.DefaultMetricsAddr, "--log-format", "text"))
+	if err != nil {
 		t.Fatal(err)
 	}
-	go func() { a.cmd.Wait(); close(a.exited) }()
+	a := &agentProc{p}
 	t.Cleanup(func() {
-		select {
-		case <-a.exited:
-		default:
-			a.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-a.exited:
-			case <-time.After(15 * time.Second):
-				a.cmd.Process.Kill()
-				<-a.exited
-			}
-		}
+		a.Stop(15 * time.Second)
 		if t.Failed() {
 			t.Logf("agent log:\n%s", a.tail())
 		}
@@ -342,48 +314,20 @@ func startAgent(t *testing.T, lab *netlab.Lab, bin, kubeconfig string) *agentPro
 
 // waitReady polls /readyz inside the node namespace.
 func (a *agentProc) waitReady(t *testing.T, lab *netlab.Lab, wait time.Duration) {
-	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			var conn net.Conn
-			err := lab.Node().Do(func() error {
-				var err error
-				conn, err = (&net.Dialer{Timeout: time.Second}).DialContext(ctx, network, addr)
-				return err
-			})
-			return conn, err
-		},
-	}}
-	defer client.CloseIdleConnections()
-	start := time.Now()
-	for {
-		select {
-		case <-a.exited:
-			t.Fatalf("the agent exited before it was ready:\n%s", a.tail())
-		default:
-		}
-		resp, err := client.Get("http://127.0.0.1:9963/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				t.Logf("agent ready (cluster mode, first snapshot from the API server) after %v", time.Since(start).Round(time.Millisecond))
-				return
-			}
-		}
-		if time.Since(start) > wait {
-			t.Fatalf("agent not ready within %v (last: %v):\n%s", wait, err, a.tail())
-		}
-		time.Sleep(100 * time.Millisecond)
+	d, err := a.WaitReady(lab.Node().Do, agentproc.DefaultMetricsAddr, wait)
+	if err != nil {
+		t.Fatalf("%v:\n%s", err, a.tail())
 	}
+	t.Logf("agent ready (cluster mode, first snapshot from the API server) after %v", d.Round(time.Millisecond))
 }
 
 func (a *agentProc) stop(t *testing.T) {
-	a.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-a.exited:
-	case <-time.After(20 * time.Second):
+	a.Signal(syscall.SIGTERM)
+	code, err := a.Wait(20 * time.Second)
+	if err != nil {
 		t.Fatalf("the agent did not exit within 20 s of SIGTERM:\n%s", a.tail())
 	}
-	if code := a.cmd.ProcessState.ExitCode(); code != 0 {
+	if code != 0 {
 		t.Errorf("agent exit code %d after SIGTERM:\n%s", code, a.tail())
 	}
 }
