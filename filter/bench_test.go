@@ -27,13 +27,13 @@ func BenchmarkHandle(b *testing.B) {
 		miss bool
 	}{{"hit", false}, {"miss", true}} {
 		b.Run(bc.name, func(b *testing.B) {
-			d := New(Config{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+			d := NewEngine(Config{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 			s1, s2 := compileTest(b, 1, ""), compileTest(b, 2, "")
 			d.Publish(s1)
-			w := d.workers[0]
+			w := d.NewPath(0)
 			data := tcp4(b, fe.AsSlice(), be.AsSlice(), 40000, 8080, true, false)
-			now := time.Now().UnixNano()
-			w.handle(data, now)
+			now := time.Now()
+			w.Handle(data, now)
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {
@@ -45,7 +45,7 @@ func BenchmarkHandle(b *testing.B) {
 						d.snap.Store(s2)
 					}
 				}
-				w.handle(data, now)
+				w.Handle(data, now)
 			}
 		})
 	}

@@ -1,6 +1,3 @@
-// Package filter is sluice's dataplane: it reads the packets the kernel queues through NFQUEUE,
-// decodes their headers, judges them against the current policy snapshot and hands the verdict
-// back, logging drops with the reason and counting everything.
 package filter
 
 import (
@@ -12,6 +9,11 @@ import (
 
 	"github.com/sluice-dev/sluice/policy"
 )
+
+// HeaderBytes is how much of a packet the decoder needs: every header it reads (IPv4 with
+// options 60 + TCP with options 60, or IPv6 with extension headers), never the payload beyond
+// that. The queue asks the kernel to copy this much.
+const HeaderBytes = 160
 
 // Kind says how the verdict logic must treat a decoded packet.
 type Kind uint8

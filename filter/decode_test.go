@@ -201,13 +201,13 @@ func TestDecodeTruncatedCaptureStillHasPorts(t *testing.T) {
 	v4 := ip4(layers.IPProtocolTCP)
 	data := ser(t, v4, tcpSeg(1, 2, false, true, v4), gopacket.Payload(make([]byte, 1400)))
 	var p Packet
-	NewDecoder().Decode(data[:DefaultCopyRange], &p)
+	NewDecoder().Decode(data[:HeaderBytes], &p)
 	if p.Kind != KindPorts || p.Flow.Port != 2 || p.SrcPort != 1 {
 		t.Fatalf("truncated capture: %+v", p)
 	}
 	v6 := ip6(layers.IPProtocolTCP)
 	data = ser(t, v6, tcpSeg(1, 2, false, true, v6), gopacket.Payload(make([]byte, 1400)))
-	NewDecoder().Decode(data[:DefaultCopyRange], &p)
+	NewDecoder().Decode(data[:HeaderBytes], &p)
 	if p.Kind != KindPorts || p.Flow.Port != 2 {
 		t.Fatalf("truncated v6 capture: %+v", p)
 	}

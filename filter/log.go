@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/sluice-dev/sluice/policy"
@@ -56,8 +57,8 @@ func (l *limiter) allow(f policy.Flow, now int64) (bool, uint32) {
 type logRecord struct {
 	snap       *policy.Snapshot
 	pkt        Packet
-	cause      Cause
-	verdict    uint8
+	reason     Reason
+	verdict    Verdict
 	queue      uint16
 	suppressed uint32
 }
@@ -65,20 +66,20 @@ type logRecord struct {
 // logWriter writes verdict lines off the packet path, so a slow log sink (a full pipe) slows
 // logging, never packets: when its buffer is full, lines are dropped and counted.
 type logWriter struct {
-	log *slog.Logger
-	ch  chan logRecord
-	m   *Metrics
+	log     *slog.Logger
+	ch      chan logRecord
+	dropped *atomic.Uint64
 }
 
-func newLogWriter(log *slog.Logger, m *Metrics) *logWriter {
-	return &logWriter{log: log, ch: make(chan logRecord, 1024), m: m}
+func newLogWriter(log *slog.Logger, dropped *atomic.Uint64) *logWriter {
+	return &logWriter{log: log, ch: make(chan logRecord, 1024), dropped: dropped}
 }
 
 func (w *logWriter) send(r logRecord) {
 	select {
 	case w.ch <- r:
 	default:
-		w.m.logDropped.Inc()
+		w.dropped.Add(1)
 	}
 }
 
@@ -93,7 +94,8 @@ func (w *logWriter) run(ctx context.Context) {
 	}
 }
 
-func endpoint(s *policy.Snapshot, ip netip.Addr) string {
+// Describe names an address for a log line: namespace/pod when s knows it, else the address.
+func Describe(s *policy.Snapshot, ip netip.Addr) string {
 	if s != nil {
 		if p, ok := s.Pod(ip); ok {
 			return p.String()
@@ -107,12 +109,12 @@ func (w *logWriter) write(r logRecord) {
 	s := r.snap
 	attrs := make([]slog.Attr, 0, 16)
 	attrs = append(attrs,
-		slog.String("verdict", verdictNames[r.verdict]),
-		slog.String("src", endpoint(s, p.Flow.Src)),
-		slog.String("dst", endpoint(s, p.Flow.Dst)),
+		slog.String("verdict", r.verdict.String()),
+		slog.String("src", Describe(s, p.Flow.Src)),
+		slog.String("dst", Describe(s, p.Flow.Dst)),
 		slog.String("proto", p.Flow.Proto.String()),
 		slog.Int("port", int(p.Flow.Port)),
-		slog.String("reason", r.cause.String()),
+		slog.String("reason", r.reason.String()),
 	)
 	if p.Flow.Src.IsValid() {
 		attrs = append(attrs, slog.String("src_ip", p.Flow.Src.String()), slog.String("dst_ip", p.Flow.Dst.String()))
@@ -120,10 +122,10 @@ func (w *logWriter) write(r logRecord) {
 	if p.Kind != KindPorts {
 		attrs = append(attrs, slog.String("kind", p.Kind.String()))
 	}
-	if s != nil && (r.cause == CauseEgress || r.cause == CauseIngress) {
+	if s != nil && (r.reason == ReasonEgressDenied || r.reason == ReasonIngressDenied) {
 		e := s.Explain(p.Flow)
 		side := e.Ingress
-		if r.cause == CauseEgress {
+		if r.reason == ReasonEgressDenied {
 			side = e.Egress
 		}
 		attrs = append(attrs,
@@ -139,9 +141,9 @@ func (w *logWriter) write(r logRecord) {
 	}
 	level, msg := slog.LevelInfo, "packet dropped"
 	switch r.verdict {
-	case verdictAccept:
+	case Accept:
 		level, msg = slog.LevelDebug, "packet accepted"
-	case verdictAudit:
+	case AuditDrop:
 		msg = "packet would be dropped (audit)"
 	}
 	w.log.LogAttrs(context.Background(), level, msg, attrs...)

@@ -46,18 +46,18 @@ type trackEntry struct {
 	orig policy.Flow
 }
 
-// ReturnTable is sluice's own connection table for the modes that cannot rely on kernel
+// returnTable is sluice's own connection table for the modes that cannot rely on kernel
 // conntrack state: both directions of every accepted connection, keyed on the full 5-tuple,
 // with idle timeouts. One per worker, without a lock: NFQUEUE's --queue-balance hashes the
 // sorted address pair (the kernel's nfqueue_hash puts "packets in either direction into the
 // same queue"), so both directions of a connection meet the same worker; the queue-all test
 // with several queues checks it.
-type ReturnTable struct {
+type returnTable struct {
 	lru *simplelru.LRU[tuple, trackEntry]
 }
 
-// NewReturnTable makes a table holding up to size connection directions.
-func NewReturnTable(size int) *ReturnTable {
+// newReturnTable makes a table holding up to size connection directions.
+func newReturnTable(size int) *returnTable {
 	if size <= 0 {
 		size = DefaultCacheSize
 	}
@@ -65,7 +65,7 @@ func NewReturnTable(size int) *ReturnTable {
 	if err != nil {
 		panic(err)
 	}
-	return &ReturnTable{lru: l}
+	return &returnTable{lru: l}
 }
 
 func idleFor(p policy.Protocol) int64 {
@@ -80,7 +80,7 @@ func idleFor(p policy.Protocol) int64 {
 
 // Lookup finds the connection the packet belongs to. An expired entry is removed and not
 // returned. A hit refreshes both directions (at most once per trackRefresh).
-func (t *ReturnTable) Lookup(k tuple, now int64) (trackEntry, bool) {
+func (t *returnTable) Lookup(k tuple, now int64) (trackEntry, bool) {
 	e, ok := t.lru.Peek(k)
 	if !ok {
 		return e, false
@@ -100,7 +100,7 @@ func (t *ReturnTable) Lookup(k tuple, now int64) (trackEntry, bool) {
 
 // Record remembers an accepted connection in both directions; k is the packet's own tuple and
 // orig the flow that was judged to accept it.
-func (t *ReturnTable) Record(k tuple, orig policy.Flow, gen uint64, now int64) {
+func (t *returnTable) Record(k tuple, orig policy.Flow, gen uint64, now int64) {
 	if e, ok := t.lru.Peek(k); ok && e.gen == gen && now-e.last < int64(trackRefresh) {
 		return
 	}
@@ -110,17 +110,17 @@ func (t *ReturnTable) Record(k tuple, orig policy.Flow, gen uint64, now int64) {
 }
 
 // Restamp marks an entry as re-judged under a new snapshot generation.
-func (t *ReturnTable) Restamp(k tuple, e trackEntry, gen uint64) {
+func (t *returnTable) Restamp(k tuple, e trackEntry, gen uint64) {
 	e.gen = gen
 	t.lru.Add(k, e)
 	t.lru.Add(k.reverse(), e)
 }
 
 // Forget removes both directions of a connection.
-func (t *ReturnTable) Forget(k tuple) {
+func (t *returnTable) Forget(k tuple) {
 	t.lru.Remove(k)
 	t.lru.Remove(k.reverse())
 }
 
 // Len is the number of directions held.
-func (t *ReturnTable) Len() int { return t.lru.Len() }
+func (t *returnTable) Len() int { return t.lru.Len() }

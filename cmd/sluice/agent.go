@@ -13,18 +13,26 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/sluice-dev/sluice/filter"
+	"github.com/sluice-dev/sluice/filter/conntrack"
+	"github.com/sluice-dev/sluice/filter/offload"
+	"github.com/sluice-dev/sluice/filter/queue"
+	"github.com/sluice-dev/sluice/filter/rules"
 	"github.com/sluice-dev/sluice/policy"
 	"github.com/sluice-dev/sluice/watch"
 )
 
-func init() { extraCommands = append(extraCommands, newAgentCmd) }
+// DefaultMetricsAddr keeps metrics on loopback: the agent runs in the host network namespace
+// and its counters name pods and policies.
+const DefaultMetricsAddr = "127.0.0.1:9963"
 
-type agentOpts struct {
+type agentOptions struct {
 	state, kubeconfig, node string
 	queueNum                uint16
 	queues                  int
@@ -43,7 +51,7 @@ type agentOpts struct {
 }
 
 func newAgentCmd() *cobra.Command {
-	o := &agentOpts{}
+	o := &agentOptions{}
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Enforce NetworkPolicy on this node through NFQUEUE",
@@ -66,7 +74,7 @@ conntrack entries of connections the new policy denies.
 On SIGTERM or SIGINT every rule and set the agent installed is removed. --cleanup removes what a
 crashed agent left and exits.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error { return runAgent(cmd.Context(), cmd.ErrOrStderr(), o) },
+		RunE: func(cmd *cobra.Command, _ []string) error { return o.run(cmd.Context(), cmd.ErrOrStderr()) },
 	}
 	f := cmd.Flags()
 	f.StringVar(&o.state, "state", "", "state file (YAML: pods, namespaces, networkpolicies); without it, watch the API server")
@@ -79,7 +87,7 @@ crashed agent left and exits.`,
 	f.BoolVar(&o.audit, "audit", false, "judge and log what would be dropped, but accept everything")
 	f.BoolVar(&o.judgeNode, "judge-node", false, "judge the node's own connections to local pods too (default: accept them, as kubelet probes need)")
 	f.IntVar(&o.cacheSize, "cache-size", filter.DefaultCacheSize, "flows remembered per queue worker")
-	f.StringVar(&o.metricsAddr, "metrics-addr", filter.DefaultMetricsAddr, "address of /metrics, /healthz and /readyz (empty: none)")
+	f.StringVar(&o.metricsAddr, "metrics-addr", DefaultMetricsAddr, "address of /metrics, /healthz and /readyz (empty: none)")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
 	f.IntVarP(&o.verbosity, "verbosity", "v", 0, "log verbosity: 0 drops and events, 1 also accepted connections, -1 warnings only")
 	f.BoolVar(&o.cut, "cut-established", false, "on a policy change, cut established connections the new policy denies (deletes their conntrack entries)")
@@ -108,162 +116,315 @@ func newLogger(w io.Writer, format string, verbosity int) (*slog.Logger, error) 
 	return nil, fmt.Errorf("--log-format %q: use text or json", format)
 }
 
-func runAgent(ctx context.Context, stderr io.Writer, o *agentOpts) error {
+func (o *agentOptions) run(ctx context.Context, stderr io.Writer) error {
 	log, err := newLogger(stderr, o.logFormat, o.verbosity)
 	if err != nil {
 		return err
 	}
 	if o.cleanup {
-		return filter.CleanupRules(log)
+		return rules.Cleanup(log)
 	}
-	var queueAll bool
+	a, err := o.newAgent(log)
+	if err != nil {
+		return err
+	}
+	return a.run(ctx)
+}
+
+// agent is one running agent: the packet path, the queues that feed it, the kernel rules that
+// feed the queues, and the policy source. Everything it sets up is pushed on one cleanup stack
+// and undone in reverse order, whatever way the agent ends.
+type agent struct {
+	o        *agentOptions
+	log      *slog.Logger
+	node     string
+	queueAll bool
+	spec     queue.Spec
+	source   watch.Source
+	reg      *prometheus.Registry
+	engine   *filter.Engine
+	queues   *queue.Queues
+	offload  *offload.Offload
+	cutter   *conntrack.Cutter
+	undo     cleanups
+
+	mu    sync.Mutex
+	rules *rules.Rules
+	local []netip.Addr // sorted, as last written to the kernel
+	// pending is the local pod list of a snapshot published before the rules existed.
+	pending []netip.Addr
+}
+
+// newAgent checks the options and builds the agent; nothing touches the kernel yet.
+func (o *agentOptions) newAgent(log *slog.Logger) (*agent, error) {
+	a := &agent{o: o, log: log, node: o.node, reg: prometheus.NewRegistry()}
 	switch o.mode {
 	case "new-only":
 	case "queue-all":
-		queueAll = true
+		a.queueAll = true
 	default:
-		return fmt.Errorf("--mode %q: use new-only or queue-all", o.mode)
+		return nil, fmt.Errorf("--mode %q: use new-only or queue-all", o.mode)
 	}
-	if o.queues < 1 || int(o.queueNum)+o.queues > 65536 {
-		return fmt.Errorf("--queues %d from --queue-num %d: need 1 or more queues numbered below 65536", o.queues, o.queueNum)
+	a.spec = queue.Spec{First: o.queueNum, Count: o.queues, FailOpen: o.failOpen}
+	if err := a.spec.Validate(); err != nil {
+		return nil, fmt.Errorf("--queue-num %d, --queues %d: %w", o.queueNum, o.queues, err)
 	}
-
-	node := o.node
-	var source watch.Source
 	if o.state != "" {
-		source = watch.NewFileSource(o.state, policy.Options{Node: node}, log)
+		a.source = watch.NewFileSource(o.state, policy.Options{Node: a.node}, log)
 	} else {
-		if node == "" {
-			node = os.Getenv("NODE_NAME")
+		if a.node == "" {
+			a.node = os.Getenv("NODE_NAME")
 		}
-		if node == "" {
-			return errors.New("no --state and no node name: in cluster mode pass --node or set NODE_NAME (the downward API's spec.nodeName)")
+		if a.node == "" {
+			return nil, errors.New("no --state and no node name: in cluster mode pass --node or set NODE_NAME (the downward API's spec.nodeName)")
 		}
 		cfg, err := restConfig(o.kubeconfig)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		source = watch.NewAPISource(cfg, policy.Options{Node: node}, log, 0)
+		a.source = watch.NewAPISource(cfg, policy.Options{Node: a.node}, log, 0)
 	}
-
-	metrics := filter.NewMetrics()
-	if err := watch.RegisterMetrics(metrics.Registry); err != nil {
-		return fmt.Errorf("registering watch metrics: %w", err)
+	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if err := watch.RegisterMetrics(a.reg); err != nil {
+		return nil, fmt.Errorf("registering watch metrics: %w", err)
 	}
+	return a, nil
+}
 
+// run sets the agent up, enforces until ctx ends or the policy source fails, and takes down what
+// it set up.
+func (a *agent) run(ctx context.Context) (err error) {
+	defer func() { err = errors.Join(err, a.undo.run(a.log)) }()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// The queue readers get their own context: they must outlive the rules on shutdown, so
-	// that no packet is queued to a queue nobody reads (a drop when fail-closed).
-	qctx, qcancel := context.WithCancel(context.Background())
-	defer qcancel()
-
-	var off *filter.Offload
-	var rec filter.FlowRecorder
-	if o.offload {
-		off, err = filter.NewOffload("sluice", o.offloadTimeout, log)
-		if err != nil {
-			return err
-		}
-		rec = off
-		if queueAll {
-			log.Warn("--offload with --mode queue-all: offloaded flows skip sluice's return table; replies are still judged")
-		}
-	}
-	dp := filter.New(filter.Config{
-		QueueNum: o.queueNum, Queues: o.queues, QueueAll: queueAll, FailOpen: o.failOpen,
-		Audit: o.audit, CutEstablished: o.cut, CacheSize: o.cacheSize, Log: log,
-		Metrics: metrics, Offload: rec, FaultStallPort: faultStallPort(log),
-	})
-
-	a := &agent{log: log, dp: dp}
-	if o.metricsAddr != "" {
-		go func() {
-			if err := metrics.Serve(ctx, o.metricsAddr, dp.Health, a.ready); err != nil {
-				log.Error("metrics server stopped", "err", err)
-			}
-		}()
-	}
-
-	// Queues first, rules second: a rule that queues to an unbound queue drops (fail-closed)
-	// or bypasses sluice (fail-open).
-	qdone, err := dp.Run(qctx)
-	if err != nil {
-		closeOffload(off, log)
+	if err := a.start(ctx); err != nil {
 		return err
-	}
-	stopQueues := func() {
-		qcancel()
-		<-qdone
 	}
 
 	first := make(chan struct{})
 	var firstOnce sync.Once
 	srcErr := make(chan error, 1)
 	go func() {
-		srcErr <- source.Run(ctx, func(s *policy.Snapshot) {
-			dp.Publish(s)
-			a.updateLocalPods(s)
+		srcErr <- a.source.Run(ctx, func(s *policy.Snapshot) {
+			a.publish(s)
 			firstOnce.Do(func() { close(first) })
 		})
 	}()
-
 	var timeout <-chan time.Time
-	if o.firstSnapshot > 0 {
-		timeout = time.After(o.firstSnapshot)
+	if a.o.firstSnapshot > 0 {
+		timeout = time.After(a.o.firstSnapshot)
 	}
 	select {
 	case <-first:
 	case err := <-srcErr:
-		stopQueues()
-		closeOffload(off, log)
 		if err == nil {
 			err = ctx.Err()
 		}
 		return fmt.Errorf("policy source ended before the first snapshot: %w", err)
 	case <-timeout:
-		cancel()
-		stopQueues()
-		closeOffload(off, log)
-		return fmt.Errorf("no policy snapshot within %s (--first-snapshot-timeout)", o.firstSnapshot)
+		return fmt.Errorf("no policy snapshot within %s (--first-snapshot-timeout)", a.o.firstSnapshot)
 	case <-ctx.Done():
-		stopQueues()
-		closeOffload(off, log)
 		return nil
 	}
 
-	var sets *filter.OffloadSets
-	if off != nil {
-		sets = off.Sets()
-	}
-	if err := a.install(filter.RuleConfig{
-		QueueNum: o.queueNum, Queues: o.queues, FailOpen: o.failOpen, QueueAll: queueAll,
-		JudgeNode: o.judgeNode, OffloadSets: sets, Log: log,
-	}); err != nil {
-		cancel()
-		stopQueues()
-		closeOffload(off, log)
+	if err := a.install(); err != nil {
 		return err
 	}
-	log.Info("sluice agent running", "node", nodeLabel(node), "mode", o.mode, "fail_open", o.failOpen,
-		"audit", o.audit, "cut_established", o.cut, "queues", o.queues, "metrics", o.metricsAddr)
+	a.log.Info("sluice agent running", "node", nodeLabel(a.node), "mode", a.o.mode, "fail_open", a.o.failOpen,
+		"audit", a.o.audit, "cut_established", a.o.cut, "queues", a.o.queues, "metrics", a.o.metricsAddr)
 
-	var runErr error
 	select {
 	case <-ctx.Done():
-		log.Info("stopping: removing kernel rules")
+		a.log.Info("stopping: removing kernel rules")
+		return nil
 	case err := <-srcErr:
-		runErr = fmt.Errorf("policy source stopped: %w", err)
-		log.Error("policy source stopped; removing kernel rules", "err", err)
+		a.log.Error("policy source stopped; removing kernel rules", "err", err)
+		return fmt.Errorf("policy source stopped: %w", err)
 	}
-	cancel()
-	if err := a.remove(); err != nil {
-		runErr = errors.Join(runErr, err)
+}
+
+// start builds the packet path and binds the queues. Queues come before rules: a rule that
+// queues to an unbound queue drops (fail-closed) or bypasses sluice (fail-open).
+func (a *agent) start(ctx context.Context) error {
+	o := a.o
+	var rec filter.FlowRecorder
+	if o.offload {
+		off, err := offload.New("sluice", o.offloadTimeout, a.log)
+		if err != nil {
+			return err
+		}
+		a.offload, rec = off, off
+		// Closed after the rules that reference its sets are gone (the stack unwinds in
+		// reverse).
+		a.undo.push("removing offload sets", off.Close)
+		a.reg.MustRegister(off)
+		if a.queueAll {
+			a.log.Warn("--offload with --mode queue-all: offloaded flows skip sluice's return table; replies are still judged")
+		}
 	}
-	closeOffload(off, log)
-	stopQueues()
-	log.Info("sluice agent stopped")
-	return runErr
+	a.engine = filter.NewEngine(filter.Config{
+		QueueAll: a.queueAll, Audit: o.audit, CutEstablished: o.cut, CacheSize: o.cacheSize,
+		Log: a.log, Offload: rec, FaultStallPort: faultStallPort(a.log),
+	})
+	a.reg.MustRegister(newPacketCollector(a.engine))
+	if o.cut {
+		a.cutter = conntrack.NewCutter(a.engine.Snapshot, o.audit, a.log, a.reg)
+	}
+	q, err := queue.New(queue.Config{
+		Spec:    a.spec,
+		Handler: func(n uint16) queue.Handler { return a.engine.NewPath(n) },
+		Log:     a.log,
+		Metrics: queue.NewMetrics(a.reg),
+	})
+	if err != nil {
+		return err
+	}
+	a.queues = q
+
+	// The queue readers and the log writer get their own context: they must outlive the rules
+	// on shutdown, so that no packet is queued to a queue nobody reads (a drop when
+	// fail-closed).
+	qctx, qcancel := context.WithCancel(context.Background())
+	qdone, err := q.Run(qctx)
+	if err != nil {
+		qcancel()
+		return err
+	}
+	var bg sync.WaitGroup
+	bg.Add(1)
+	go func() { defer bg.Done(); a.engine.RunLog(qctx) }()
+	if a.cutter != nil {
+		bg.Add(1)
+		go func() { defer bg.Done(); a.cutter.Run(qctx) }()
+	}
+	a.undo.push("stopping the queue readers", func() error {
+		qcancel()
+		<-qdone
+		bg.Wait()
+		return nil
+	})
+
+	if o.metricsAddr != "" {
+		go func() {
+			if err := serveProbes(ctx, o.metricsAddr, a.reg, a.health, a.ready); err != nil {
+				a.log.Error("metrics server stopped", "err", err)
+			}
+		}()
+	}
+	return nil
+}
+
+// publish puts a new snapshot in force: the packet path, the offload, the local pod sets, and a
+// cut of the connections it denies when configured.
+func (a *agent) publish(s *policy.Snapshot) {
+	if err := a.engine.Publish(s); err != nil {
+		a.log.Error("flushing offloaded verdicts failed; old verdicts may survive until their timeout", "err", err)
+	}
+	if a.cutter != nil {
+		a.cutter.Request()
+	}
+	a.updateLocalPods(s)
+}
+
+// install writes the kernel rules, with the local pods of the snapshots seen so far.
+func (a *agent) install() error {
+	var sets *offload.Sets
+	if a.offload != nil {
+		sets = a.offload.Sets()
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	r, err := rules.Install(rules.Config{
+		Queues: a.spec, QueueAll: a.queueAll, JudgeNode: a.o.judgeNode, Offload: sets,
+		LocalPods: a.pending, Log: a.log,
+	})
+	if err != nil {
+		return err
+	}
+	a.rules, a.local = r, a.pending
+	a.undo.push("removing kernel rules", a.removeRules)
+	return nil
+}
+
+func (a *agent) updateLocalPods(s *policy.Snapshot) {
+	ips := s.LocalPodIPs()
+	slices.SortFunc(ips, func(x, y netip.Addr) int { return x.Compare(y) })
+	ips = slices.Compact(ips)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.rules == nil {
+		a.pending = ips
+		return
+	}
+	if slices.Equal(ips, a.local) {
+		return
+	}
+	if err := a.rules.UpdateLocalPods(ips); err != nil {
+		a.log.Error("updating the local pod sets failed; the previous set stays in force", "err", err)
+		return
+	}
+	a.local = ips
+	a.log.Info("local pods changed", "addresses", len(ips))
+}
+
+func (a *agent) removeRules() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.rules == nil {
+		return nil
+	}
+	err := a.rules.Remove()
+	a.rules = nil
+	if err != nil {
+		return fmt.Errorf("removing kernel rules: %w (run sluice agent --cleanup)", err)
+	}
+	return nil
+}
+
+// health fails while a queue worker is stuck.
+func (a *agent) health() error { return a.queues.Health() }
+
+// ready is nil once the rules are installed, every queue is bound, a snapshot is in force and
+// no worker is stuck.
+func (a *agent) ready() error {
+	a.mu.Lock()
+	installed := a.rules != nil
+	a.mu.Unlock()
+	switch {
+	case !installed:
+		return errors.New("kernel rules not installed yet")
+	case a.engine.Snapshot() == nil:
+		return errors.New("no policy snapshot yet")
+	}
+	if err := a.queues.Bound(); err != nil {
+		return err
+	}
+	return a.queues.Health()
+}
+
+// cleanups is a stack of undo steps, run last-in first-out.
+type cleanups []cleanup
+
+type cleanup struct {
+	what string
+	fn   func() error
+}
+
+func (c *cleanups) push(what string, fn func() error) { *c = append(*c, cleanup{what, fn}) }
+
+// run undoes every step, newest first, and returns what failed; it empties the stack.
+func (c *cleanups) run(log *slog.Logger) error {
+	var errs []error
+	for i := len(*c) - 1; i >= 0; i-- {
+		step := (*c)[i]
+		if err := step.fn(); err != nil {
+			log.Error(step.what+" failed", "err", err)
+			errs = append(errs, err)
+		}
+	}
+	*c = nil
+	log.Info("sluice agent stopped", "cleanup_errors", len(errs))
+	return errors.Join(errs...)
 }
 
 // faultStallPort reads SLUICE_FAULT_STALL_PORT, the watchdog's fault injection used by the
@@ -289,15 +450,6 @@ func nodeLabel(n string) string {
 	return n
 }
 
-func closeOffload(off *filter.Offload, log *slog.Logger) {
-	if off == nil {
-		return
-	}
-	if err := off.Close(); err != nil {
-		log.Error("removing offload sets failed; run sluice agent --cleanup", "err", err)
-	}
-}
-
 func restConfig(kubeconfig string) (*rest.Config, error) {
 	if kubeconfig == "" {
 		kubeconfig = os.Getenv("KUBECONFIG")
@@ -314,73 +466,4 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 		return nil, fmt.Errorf("no --state, no --kubeconfig and not in a cluster (%w): pass --state FILE or --kubeconfig", err)
 	}
 	return cfg, nil
-}
-
-// agent ties the rules to the snapshots: the local pod sets follow every snapshot.
-type agent struct {
-	log *slog.Logger
-	dp  *filter.Dataplane
-
-	mu    sync.Mutex
-	rules *filter.Rules
-	local []netip.Addr // sorted, as last written to the kernel
-	// pending is the local pod list of a snapshot published before the rules existed.
-	pending []netip.Addr
-}
-
-func (a *agent) install(cfg filter.RuleConfig) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	cfg.LocalPods = a.pending
-	r, err := filter.InstallRules(cfg)
-	if err != nil {
-		return err
-	}
-	a.rules, a.local = r, a.pending
-	return nil
-}
-
-func (a *agent) updateLocalPods(s *policy.Snapshot) {
-	ips := s.LocalPodIPs()
-	slices.SortFunc(ips, func(x, y netip.Addr) int { return x.Compare(y) })
-	ips = slices.Compact(ips)
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.rules == nil {
-		a.pending = ips
-		return
-	}
-	if slices.Equal(ips, a.local) {
-		return
-	}
-	if err := a.rules.UpdateLocalPods(ips); err != nil {
-		a.log.Error("updating the local pod sets failed; the previous set stays in force", "err", err)
-		return
-	}
-	a.local = ips
-	a.log.Info("local pods changed", "addresses", len(ips))
-}
-
-func (a *agent) remove() error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.rules == nil {
-		return nil
-	}
-	err := a.rules.Remove()
-	a.rules = nil
-	if err != nil {
-		return fmt.Errorf("removing kernel rules: %w (run sluice agent --cleanup)", err)
-	}
-	return nil
-}
-
-func (a *agent) ready() error {
-	a.mu.Lock()
-	installed := a.rules != nil
-	a.mu.Unlock()
-	if !installed {
-		return errors.New("kernel rules not installed yet")
-	}
-	return a.dp.Ready()
 }

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"errors"
+	"log/slog"
 	"strings"
 	"testing"
 )
@@ -32,5 +34,32 @@ func TestAgentIsRegistered(t *testing.T) {
 	out, _, code := runCLI(t, "agent", "--help")
 	if code != exitOK || !strings.Contains(out, "--cut-established") || !strings.Contains(out, "fail-open") {
 		t.Fatalf("agent --help: exit %d\n%s", code, out)
+	}
+}
+
+// The agent's cleanup stack undoes newest first, runs every step even after a failure, and
+// reports the failures.
+func TestCleanupsRunNewestFirst(t *testing.T) {
+	var got []string
+	var c cleanups
+	for _, name := range []string{"offload", "queues", "rules"} {
+		c.push(name, func() error {
+			got = append(got, name)
+			if name == "queues" {
+				return errors.New("queues failed")
+			}
+			return nil
+		})
+	}
+	err := c.run(slog.New(slog.DiscardHandler))
+	if strings.Join(got, ",") != "rules,queues,offload" {
+		t.Errorf("order %v, want rules, queues, offload", got)
+	}
+	if err == nil || !strings.Contains(err.Error(), "queues failed") {
+		t.Errorf("error %v, want the failing step's", err)
+	}
+	got = nil
+	if err := c.run(slog.New(slog.DiscardHandler)); err != nil || len(got) != 0 {
+		t.Errorf("a second run undid %v again (err %v)", got, err)
 	}
 }

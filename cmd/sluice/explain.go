@@ -15,8 +15,12 @@ import (
 	"github.com/sluice-dev/sluice/policy"
 )
 
+type explainOptions struct {
+	statePath, from, to, port, output, node string
+}
+
 func newExplainCmd() *cobra.Command {
-	var statePath, from, to, port, output, node string
+	o := &explainOptions{}
 	cmd := &cobra.Command{
 		Use:   "explain --state FILE --from SRC --to DST --port PORT/PROTO",
 		Short: "Say whether a flow is allowed, and which policies and rules decide it",
@@ -32,55 +36,57 @@ destination's ingress are checked; with --node only the sides that node enforces
 The exit status is 0 whether the flow is allowed or not; -o json prints one object with
 "allowed", "reason" and the details of each side.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkOutput(output, "text", "json"); err != nil {
-				return err
-			}
-			proto, dport, err := parsePortProto(port)
-			if err != nil {
-				return fmt.Errorf("--port: %w", err)
-			}
-			st, err := loadState(cmd, statePath)
-			if err != nil {
-				return err
-			}
-			src, err := resolveEndpoint(st, from)
-			if err != nil {
-				return fmt.Errorf("--from: %w", err)
-			}
-			dst, err := resolveEndpoint(st, to)
-			if err != nil {
-				return fmt.Errorf("--to: %w", err)
-			}
-			srcIP, dstIP, err := pickAddrs(src, dst)
-			if err != nil {
-				return err
-			}
-			snap, err := policy.Compile(st, policy.Options{Node: node})
-			if err != nil {
-				return fmt.Errorf("%s: %w", statePath, err)
-			}
-			exp := snap.Explain(policy.Flow{Src: srcIP, Dst: dstIP, Proto: proto, Port: dport})
-			if output == "json" {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(exp)
-			}
-			printExplanation(cmd.OutOrStdout(), &exp)
-			return nil
-		},
+		RunE: func(cmd *cobra.Command, _ []string) error { return o.run(cmd) },
 	}
 	f := cmd.Flags()
-	f.StringVar(&statePath, "state", "", "state file (- for stdin): multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
-	f.StringVar(&from, "from", "", "source: namespace/pod or an IP address")
-	f.StringVar(&to, "to", "", "destination: namespace/pod or an IP address")
-	f.StringVar(&port, "port", "", "destination port and protocol, e.g. 8080/TCP, 53/UDP")
-	f.StringVarP(&output, "output", "o", "text", "output format: text or json")
-	f.StringVar(&node, "node", "", "judge as the agent on this node would (only its pods' sides are enforced); default: every pod is local")
+	f.StringVar(&o.statePath, "state", "", "state file (- for stdin): multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
+	f.StringVar(&o.from, "from", "", "source: namespace/pod or an IP address")
+	f.StringVar(&o.to, "to", "", "destination: namespace/pod or an IP address")
+	f.StringVar(&o.port, "port", "", "destination port and protocol, e.g. 8080/TCP, 53/UDP")
+	f.StringVarP(&o.output, "output", "o", "text", "output format: text or json")
+	f.StringVar(&o.node, "node", "", "judge as the agent on this node would (only its pods' sides are enforced); default: every pod is local")
 	for _, name := range []string{"state", "from", "to", "port"} {
 		_ = cmd.MarkFlagRequired(name)
 	}
 	return cmd
+}
+
+func (o *explainOptions) run(cmd *cobra.Command) error {
+	if err := checkOutput(o.output, "text", "json"); err != nil {
+		return err
+	}
+	proto, dport, err := parsePortProto(o.port)
+	if err != nil {
+		return fmt.Errorf("--port: %w", err)
+	}
+	st, err := loadState(cmd, o.statePath)
+	if err != nil {
+		return err
+	}
+	src, err := resolveFlowEnd(st, o.from)
+	if err != nil {
+		return fmt.Errorf("--from: %w", err)
+	}
+	dst, err := resolveFlowEnd(st, o.to)
+	if err != nil {
+		return fmt.Errorf("--to: %w", err)
+	}
+	srcIP, dstIP, err := pickAddrs(src, dst)
+	if err != nil {
+		return err
+	}
+	snap, err := policy.Compile(st, policy.Options{Node: o.node})
+	if err != nil {
+		return fmt.Errorf("%s: %w", o.statePath, err)
+	}
+	exp := snap.Explain(policy.Flow{Src: srcIP, Dst: dstIP, Proto: proto, Port: dport})
+	if o.output == "json" {
+		enc := json.NewEncoder(cmd.OutOrStdout())
+		enc.SetIndent("", "  ")
+		return enc.Encode(exp)
+	}
+	printExplanation(cmd.OutOrStdout(), &exp)
+	return nil
 }
 
 // parsePortProto reads PORT/PROTO; the protocol is case-insensitive and defaults to TCP.
@@ -101,22 +107,22 @@ func parsePortProto(s string) (policy.Protocol, uint16, error) {
 	return p, uint16(n), nil
 }
 
-// endpoint is a resolved --from or --to: a pod (with its addresses, primary first) or an IP.
-type endpoint struct {
+// flowEnd is a resolved --from or --to: a pod (with its addresses, primary first) or an IP.
+type flowEnd struct {
 	pod   *corev1.Pod
 	addrs []netip.Addr
 }
 
-func resolveEndpoint(st *policy.State, s string) (endpoint, error) {
+func resolveFlowEnd(st *policy.State, s string) (flowEnd, error) {
 	if a, err := netip.ParseAddr(s); err == nil {
 		if a.Zone() != "" {
-			return endpoint{}, fmt.Errorf("%q: an address with a zone cannot be a pod or cluster peer; drop %%%s", s, a.Zone())
+			return flowEnd{}, fmt.Errorf("%q: an address with a zone cannot be a pod or cluster peer; drop %%%s", s, a.Zone())
 		}
-		return endpoint{addrs: []netip.Addr{a.Unmap()}}, nil
+		return flowEnd{addrs: []netip.Addr{a.Unmap()}}, nil
 	}
 	ns, name, ok := strings.Cut(s, "/")
 	if !ok || ns == "" || name == "" || strings.Contains(name, "/") {
-		return endpoint{}, fmt.Errorf("%q is neither namespace/pod nor an IP address", s)
+		return flowEnd{}, fmt.Errorf("%q is neither namespace/pod nor an IP address", s)
 	}
 	var inNS []string
 	for i := range st.Pods {
@@ -130,16 +136,16 @@ func resolveEndpoint(st *policy.State, s string) (endpoint, error) {
 		}
 		switch {
 		case p.Spec.HostNetwork:
-			return endpoint{}, fmt.Errorf("pod %s uses the host network: its traffic is the node's, which NetworkPolicy does not govern; ask about the node's IP instead", s)
+			return flowEnd{}, fmt.Errorf("pod %s uses the host network: its traffic is the node's, which NetworkPolicy does not govern; ask about the node's IP instead", s)
 		case p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed:
-			return endpoint{}, fmt.Errorf("pod %s has finished (phase %s) and takes no part in traffic", s, p.Status.Phase)
+			return flowEnd{}, fmt.Errorf("pod %s has finished (phase %s) and takes no part in traffic", s, p.Status.Phase)
 		case !policy.Participates(p):
-			return endpoint{}, fmt.Errorf("pod %s has no IP in status.podIPs or status.podIP; give it one in the state file or name an IP", s)
+			return flowEnd{}, fmt.Errorf("pod %s has no IP in status.podIPs or status.podIP; give it one in the state file or name an IP", s)
 		}
-		return endpoint{pod: p, addrs: policy.PodAddrs(p)}, nil
+		return flowEnd{pod: p, addrs: policy.PodAddrs(p)}, nil
 	}
 	if len(inNS) == 0 {
-		return endpoint{}, fmt.Errorf("no pod %s in the state: namespace %s has no pods there", s, ns)
+		return flowEnd{}, fmt.Errorf("no pod %s in the state: namespace %s has no pods there", s, ns)
 	}
 	slices.Sort(inNS)
 	const show = 5
@@ -148,20 +154,12 @@ func resolveEndpoint(st *policy.State, s string) (endpoint, error) {
 		more = fmt.Sprintf(" and %d more", len(inNS)-show)
 		inNS = inNS[:show]
 	}
-	return endpoint{}, fmt.Errorf("no pod %s in the state; namespace %s has %s%s", s, ns, strings.Join(inNS, ", "), more)
+	return flowEnd{}, fmt.Errorf("no pod %s in the state; namespace %s has %s%s", s, ns, strings.Join(inNS, ", "), more)
 }
 
 // pickAddrs chooses one address per end of the same family: an end given as an address fixes
 // the family; two pods use the source's primary address.
-func pickAddrs(src, dst endpoint) (netip.Addr, netip.Addr, error) {
-	sameFamily := func(e endpoint, like netip.Addr) (netip.Addr, bool) {
-		for _, a := range e.addrs {
-			if a.Is4() == like.Is4() {
-				return a, true
-			}
-		}
-		return netip.Addr{}, false
-	}
+func pickAddrs(src, dst flowEnd) (netip.Addr, netip.Addr, error) {
 	family := func(a netip.Addr) string {
 		if a.Is4() {
 			return "IPv4"
@@ -169,13 +167,13 @@ func pickAddrs(src, dst endpoint) (netip.Addr, netip.Addr, error) {
 		return "IPv6"
 	}
 	if src.pod != nil && dst.pod == nil {
-		s, ok := sameFamily(src, dst.addrs[0])
+		s, ok := sameFamily(src.addrs, dst.addrs[0])
 		if !ok {
 			return netip.Addr{}, netip.Addr{}, fmt.Errorf("--from pod %s/%s has no %s address to reach %s", src.pod.Namespace, src.pod.Name, family(dst.addrs[0]), dst.addrs[0])
 		}
 		return s, dst.addrs[0], nil
 	}
-	d, ok := sameFamily(dst, src.addrs[0])
+	d, ok := sameFamily(dst.addrs, src.addrs[0])
 	if !ok {
 		if dst.pod != nil {
 			return netip.Addr{}, netip.Addr{}, fmt.Errorf("--to pod %s/%s has no %s address, which %s needs", dst.pod.Namespace, dst.pod.Name, family(src.addrs[0]), src.addrs[0])
@@ -183,6 +181,17 @@ func pickAddrs(src, dst endpoint) (netip.Addr, netip.Addr, error) {
 		return netip.Addr{}, netip.Addr{}, fmt.Errorf("--from %s and --to %s are of different IP families", src.addrs[0], dst.addrs[0])
 	}
 	return src.addrs[0], d, nil
+}
+
+// sameFamily is the first of addrs of like's family. explain and matrix both pick a pod's
+// address this way.
+func sameFamily(addrs []netip.Addr, like netip.Addr) (netip.Addr, bool) {
+	for _, a := range addrs {
+		if a.Is4() == like.Is4() {
+			return a, true
+		}
+	}
+	return netip.Addr{}, false
 }
 
 func describeEndpoint(e policy.Endpoint) string {

@@ -10,9 +10,13 @@ import (
 	"github.com/sluice-dev/sluice/policy"
 )
 
+type lintOptions struct {
+	statePath, output string
+	strict            bool
+}
+
 func newLintCmd() *cobra.Command {
-	var statePath, output string
-	var strict bool
+	o := &lintOptions{}
 	cmd := &cobra.Command{
 		Use:   "lint --state FILE",
 		Short: "Check policies against the seed's best practices and for rules that cannot work",
@@ -29,60 +33,62 @@ func newLintCmd() *cobra.Command {
 Findings are printed and the exit status is 0; with --strict it is 1 when there is a warning.
 Bad input exits 2, like every command.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkOutput(output, "text", "json"); err != nil {
-				return err
-			}
-			st, err := loadState(cmd, statePath)
-			if err != nil {
-				return err
-			}
-			findings := policy.Lint(st)
-			warnings, infos := 0, 0
-			for _, f := range findings {
-				if f.Level == policy.LevelWarning {
-					warnings++
-				} else {
-					infos++
-				}
-			}
-			out := cmd.OutOrStdout()
-			if output == "json" {
-				if findings == nil {
-					findings = []policy.Finding{}
-				}
-				enc := json.NewEncoder(out)
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(findings); err != nil {
-					return err
-				}
-			} else {
-				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-				for _, f := range findings {
-					where := f.Namespace
-					if f.Policy != "" {
-						where += "/" + f.Policy
-					}
-					if where == "" {
-						where = "-"
-					}
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", f.Level, where, f.Check, f.Message)
-				}
-				if err := tw.Flush(); err != nil {
-					return err
-				}
-				fmt.Fprintf(out, "%d warning(s), %d info(s)\n", warnings, infos)
-			}
-			if strict && warnings > 0 {
-				return &exitCodeError{code: exitFindings, msg: fmt.Sprintf("lint: %d warning(s) with --strict", warnings)}
-			}
-			return nil
-		},
+		RunE: func(cmd *cobra.Command, _ []string) error { return o.run(cmd) },
 	}
 	f := cmd.Flags()
-	f.StringVar(&statePath, "state", "", "state file (- for stdin): multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
-	f.StringVarP(&output, "output", "o", "text", "output format: text or json")
-	f.BoolVar(&strict, "strict", false, "exit 1 when there is at least one warning")
+	f.StringVar(&o.statePath, "state", "", "state file (- for stdin): multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
+	f.StringVarP(&o.output, "output", "o", "text", "output format: text or json")
+	f.BoolVar(&o.strict, "strict", false, "exit 1 when there is at least one warning")
 	_ = cmd.MarkFlagRequired("state")
 	return cmd
+}
+
+func (o *lintOptions) run(cmd *cobra.Command) error {
+	if err := checkOutput(o.output, "text", "json"); err != nil {
+		return err
+	}
+	st, err := loadState(cmd, o.statePath)
+	if err != nil {
+		return err
+	}
+	findings := policy.Lint(st)
+	warnings, infos := 0, 0
+	for _, f := range findings {
+		if f.Level == policy.LevelWarning {
+			warnings++
+		} else {
+			infos++
+		}
+	}
+	out := cmd.OutOrStdout()
+	if o.output == "json" {
+		if findings == nil {
+			findings = []policy.Finding{}
+		}
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(findings); err != nil {
+			return err
+		}
+	} else {
+		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		for _, f := range findings {
+			where := f.Namespace
+			if f.Policy != "" {
+				where += "/" + f.Policy
+			}
+			if where == "" {
+				where = "-"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", f.Level, where, f.Check, f.Message)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "%d warning(s), %d info(s)\n", warnings, infos)
+	}
+	if o.strict && warnings > 0 {
+		return &exitCodeError{code: exitFindings, msg: fmt.Sprintf("lint: %d warning(s) with --strict", warnings)}
+	}
+	return nil
 }

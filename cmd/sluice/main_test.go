@@ -6,10 +6,9 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
-
-	"github.com/spf13/cobra"
 )
 
 // runCLI runs sluice in-process, as main does, and returns stdout, stderr and the exit status.
@@ -311,16 +310,22 @@ func TestVersion(t *testing.T) {
 	}
 }
 
-// Commands registered through extraCommands (as agent.go does) appear under the root.
-func TestExtraCommands(t *testing.T) {
-	saved := extraCommands
-	defer func() { extraCommands = saved }()
-	ran := false
-	extraCommands = append(extraCommands, func() *cobra.Command {
-		return &cobra.Command{Use: "probe-extra", RunE: func(*cobra.Command, []string) error { ran = true; return nil }}
-	})
-	if _, _, code := runCLI(t, "probe-extra"); code != 0 || !ran {
-		t.Errorf("extra command: exit %d, ran %v", code, ran)
+// The root lists every command of the design's CLI contract, and nothing else of its own.
+func TestEveryCommandIsListed(t *testing.T) {
+	var got []string
+	for _, c := range newRootCmd().Commands() {
+		if n := c.Name(); n != "help" && n != "completion" {
+			got = append(got, n)
+		}
+	}
+	slices.Sort(got)
+	if want := []string{"agent", "explain", "lint", "matrix", "version"}; !slices.Equal(got, want) {
+		t.Errorf("commands %v, want %v", got, want)
+	}
+	for _, name := range []string{"explain", "matrix", "lint", "version"} {
+		if _, _, code := runCLI(t, name, "--help"); code != exitOK {
+			t.Errorf("%s --help: exit %d", name, code)
+		}
 	}
 }
 

@@ -30,10 +30,14 @@ type portProto struct {
 
 func (p portProto) String() string { return strconv.Itoa(int(p.Port)) + "/" + p.Proto.String() }
 
+type matrixOptions struct {
+	statePath, ports, output string
+	namespaces               []string
+	maxPods                  int
+}
+
 func newMatrixCmd() *cobra.Command {
-	var statePath, ports, output string
-	var namespaces []string
-	var maxPods int
+	o := &matrixOptions{}
 	cmd := &cobra.Command{
 		Use:   "matrix --state FILE [--ports 80/TCP,53/UDP]",
 		Short: "Print the pod-to-pod reachability grid, one per port",
@@ -46,68 +50,70 @@ local, so both the source's egress and the destination's ingress count.
 Without --ports, the ports are every distinct numeric port the policies and the pods' container
 ports mention (at most 8, lowest first), or 80/TCP when there are none.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkOutput(output, "text", "json", "markdown"); err != nil {
-				return err
-			}
-			var pps []portProto
-			if ports != "" {
-				for _, s := range strings.Split(ports, ",") {
-					proto, port, err := parsePortProto(s)
-					if err != nil {
-						return fmt.Errorf("--ports: %w", err)
-					}
-					pp := portProto{proto, port}
-					if !slices.Contains(pps, pp) {
-						pps = append(pps, pp)
-					}
-				}
-			}
-			st, err := loadState(cmd, statePath)
-			if err != nil {
-				return err
-			}
-			if len(pps) == 0 {
-				var more int
-				pps, more = statePorts(st, defaultMaxPorts)
-				if more > 0 {
-					fmt.Fprintf(cmd.ErrOrStderr(), "note: showing %d of %d ports; choose with --ports\n", len(pps), len(pps)+more)
-				}
-			}
-			pods := matrixPods(st, namespaces)
-			switch {
-			case len(pods) == 0:
-				return fmt.Errorf("%s: no running pods with an IP to draw a matrix of", statePath)
-			case len(pods) > maxPods:
-				return fmt.Errorf("%s: %d pods would make an unreadable grid; narrow with --namespace or raise --max-pods", statePath, len(pods))
-			}
-			snap, err := policy.Compile(st, policy.Options{})
-			if err != nil {
-				return fmt.Errorf("%s: %w", statePath, err)
-			}
-			m := buildMatrix(snap, pods, pps)
-			out := cmd.OutOrStdout()
-			switch output {
-			case "json":
-				enc := json.NewEncoder(out)
-				enc.SetIndent("", "  ")
-				return enc.Encode(m)
-			case "markdown":
-				m.markdown(out)
-			default:
-				return m.text(out)
-			}
-			return nil
-		},
+		RunE: func(cmd *cobra.Command, _ []string) error { return o.run(cmd) },
 	}
 	f := cmd.Flags()
-	f.StringVar(&statePath, "state", "", "state file (- for stdin): multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
-	f.StringVar(&ports, "ports", "", "comma-separated PORT/PROTO list, e.g. 80/TCP,53/UDP (default: the ports the state mentions)")
-	f.StringVarP(&output, "output", "o", "text", "output format: text, json or markdown")
-	f.StringSliceVar(&namespaces, "namespace", nil, "only pods of these namespaces (repeatable or comma-separated)")
-	f.IntVar(&maxPods, "max-pods", 100, "refuse to draw more pods than this")
+	f.StringVar(&o.statePath, "state", "", "state file (- for stdin): multi-document YAML or a kind: List of Namespaces, Pods and NetworkPolicies")
+	f.StringVar(&o.ports, "ports", "", "comma-separated PORT/PROTO list, e.g. 80/TCP,53/UDP (default: the ports the state mentions)")
+	f.StringVarP(&o.output, "output", "o", "text", "output format: text, json or markdown")
+	f.StringSliceVar(&o.namespaces, "namespace", nil, "only pods of these namespaces (repeatable or comma-separated)")
+	f.IntVar(&o.maxPods, "max-pods", 100, "refuse to draw more pods than this")
 	_ = cmd.MarkFlagRequired("state")
 	return cmd
+}
+
+func (o *matrixOptions) run(cmd *cobra.Command) error {
+	if err := checkOutput(o.output, "text", "json", "markdown"); err != nil {
+		return err
+	}
+	var pps []portProto
+	if o.ports != "" {
+		for _, s := range strings.Split(o.ports, ",") {
+			proto, port, err := parsePortProto(s)
+			if err != nil {
+				return fmt.Errorf("--ports: %w", err)
+			}
+			pp := portProto{proto, port}
+			if !slices.Contains(pps, pp) {
+				pps = append(pps, pp)
+			}
+		}
+	}
+	st, err := loadState(cmd, o.statePath)
+	if err != nil {
+		return err
+	}
+	if len(pps) == 0 {
+		var more int
+		pps, more = statePorts(st, defaultMaxPorts)
+		if more > 0 {
+			fmt.Fprintf(cmd.ErrOrStderr(), "note: showing %d of %d ports; choose with --ports\n", len(pps), len(pps)+more)
+		}
+	}
+	pods := matrixPods(st, o.namespaces)
+	switch {
+	case len(pods) == 0:
+		return fmt.Errorf("%s: no running pods with an IP to draw a matrix of", o.statePath)
+	case len(pods) > o.maxPods:
+		return fmt.Errorf("%s: %d pods would make an unreadable grid; narrow with --namespace or raise --max-pods", o.statePath, len(pods))
+	}
+	snap, err := policy.Compile(st, policy.Options{})
+	if err != nil {
+		return fmt.Errorf("%s: %w", o.statePath, err)
+	}
+	m := buildMatrix(snap, pods, pps)
+	out := cmd.OutOrStdout()
+	switch o.output {
+	case "json":
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(m)
+	case "markdown":
+		m.markdown(out)
+	default:
+		return m.text(out)
+	}
+	return nil
 }
 
 // statePorts lists the numeric ports the policies and container ports mention, lowest first,
@@ -202,15 +208,11 @@ const noCommonFamily = "no-common-family"
 // destination's address of that family, else the destination's primary and the source's
 // address of that family.
 func flowAddrs(from, to matrixPod) (netip.Addr, netip.Addr, bool) {
-	for _, d := range to.addrs {
-		if d.Is4() == from.IP.Is4() {
-			return from.IP, d, true
-		}
+	if d, ok := sameFamily(to.addrs, from.IP); ok {
+		return from.IP, d, true
 	}
-	for _, s := range from.addrs {
-		if s.Is4() == to.IP.Is4() {
-			return s, to.IP, true
-		}
+	if s, ok := sameFamily(from.addrs, to.IP); ok {
+		return s, to.IP, true
 	}
 	return netip.Addr{}, netip.Addr{}, false
 }

@@ -8,12 +8,6 @@ import (
 	"github.com/sluice-dev/sluice/policy"
 )
 
-// extraCommands lets subcommands that live in files of their own register without root.go
-// naming them, so each file builds on its own: agent.go adds itself with
-//
-//	func init() { extraCommands = append(extraCommands, newAgentCmd) }
-var extraCommands []func() *cobra.Command
-
 func newRootCmd() *cobra.Command {
 	root := &cobra.Command{
 		Use:   "sluice",
@@ -33,10 +27,8 @@ any other failure.`,
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 		return fmt.Errorf("%w (see %s --help)", err, cmd.CommandPath())
 	})
-	root.AddCommand(newExplainCmd(), newMatrixCmd(), newLintCmd(), newVersionCmd())
-	for _, c := range extraCommands {
-		root.AddCommand(c())
-	}
+	// Each command is an options struct, the flags bound to it, and its run method.
+	root.AddCommand(newAgentCmd(), newExplainCmd(), newMatrixCmd(), newLintCmd(), newVersionCmd())
 	return root
 }
 

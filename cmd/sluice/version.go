@@ -38,35 +38,41 @@ func currentVersion() versionInfo {
 	return v
 }
 
+type versionOptions struct {
+	output string
+}
+
 func newVersionCmd() *cobra.Command {
-	var output string
+	o := &versionOptions{}
 	cmd := &cobra.Command{
 		Use:   "version",
 		Short: "Print the version, the Go version and build information",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkOutput(output, "text", "json"); err != nil {
-				return err
-			}
-			v := currentVersion()
-			out := cmd.OutOrStdout()
-			if output == "json" {
-				enc := json.NewEncoder(out)
-				enc.SetIndent("", "  ")
-				return enc.Encode(v)
-			}
-			fmt.Fprintf(out, "sluice %s\ngo: %s %s\n", v.Version, v.Go, v.Platform)
-			if v.Module != "" {
-				fmt.Fprintf(out, "module: %s %s\n", v.Module, v.ModVer)
-			}
-			for _, k := range []string{"vcs.revision", "vcs.time", "vcs.modified"} {
-				if s, ok := v.Settings[k]; ok {
-					fmt.Fprintf(out, "%s: %s\n", k, s)
-				}
-			}
-			return nil
-		},
+		RunE:  func(cmd *cobra.Command, _ []string) error { return o.run(cmd) },
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
+	cmd.Flags().StringVarP(&o.output, "output", "o", "text", "output format: text or json")
 	return cmd
+}
+
+func (o *versionOptions) run(cmd *cobra.Command) error {
+	if err := checkOutput(o.output, "text", "json"); err != nil {
+		return err
+	}
+	v := currentVersion()
+	out := cmd.OutOrStdout()
+	if o.output == "json" {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	fmt.Fprintf(out, "sluice %s\ngo: %s %s\n", v.Version, v.Go, v.Platform)
+	if v.Module != "" {
+		fmt.Fprintf(out, "module: %s %s\n", v.Module, v.ModVer)
+	}
+	for _, k := range []string{"vcs.revision", "vcs.time", "vcs.modified"} {
+		if s, ok := v.Settings[k]; ok {
+			fmt.Fprintf(out, "%s: %s\n", k, s)
+		}
+	}
+	return nil
 }

@@ -10,7 +10,7 @@ import (
 
 // The seed's expectations, read by hand, for flows whose answer is easy to get wrong.
 func TestExpectReadsTheSeed(t *testing.T) {
-	byName := map[string]*endpoint{}
+	byName := map[string]*member{}
 	for _, e := range application() {
 		byName[e.name] = e
 	}

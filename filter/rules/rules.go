@@ -1,4 +1,7 @@
-package filter
+// Package rules writes the kernel side of the dataplane: a few iptables chains of sluice's own
+// that send the packets it must judge to NFQUEUE, and the ipsets of local pod addresses they
+// match, in the current network namespace.
+package rules
 
 import (
 	"bufio"
@@ -12,10 +15,12 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+
+	"github.com/sluice-dev/sluice/filter/offload"
+	"github.com/sluice-dev/sluice/filter/queue"
 )
 
-// The kernel side of the dataplane: a few iptables chains of our own that send the packets
-// sluice must judge to NFQUEUE, written with iptables-restore --noflush so every change is one
+// The chains are written written with iptables-restore --noflush so every change is one
 // atomic commit per address family and nothing outside our chains and our jumps is touched.
 //
 //	FORWARD -> SLUICE-FORWARD   pod<->pod through the node, pod<->outside
@@ -37,7 +42,7 @@ const (
 	LocalSet4 = "sluice-local4"
 	LocalSet6 = "sluice-local6"
 
-	// chainPrefix and setPrefix mark everything sluice owns; CleanupRules removes exactly that.
+	// chainPrefix and setPrefix mark everything sluice owns; Cleanup removes exactly that.
 	chainPrefix = "SLUICE-"
 	setPrefix   = "sluice-"
 
@@ -49,15 +54,12 @@ const (
 // installs can't both see "no jump yet" and insert one each.
 const lockFile = "/run/sluice-rules.lock"
 
-// RuleConfig says what InstallRules puts in the kernel.
-type RuleConfig struct {
-	// QueueNum is the first NFQUEUE number; Queues (default 1) queues are used,
-	// QueueNum..QueueNum+Queues-1, spread by flow hash (--queue-balance) when more than one.
-	QueueNum uint16
-	Queues   int
-	// FailOpen adds --queue-bypass: with no program reading the queue, packets are accepted.
-	// Without it they are dropped (fail-closed).
-	FailOpen bool
+// Config says what Install puts in the kernel.
+type Config struct {
+	// Queues are the queues the rules send packets to. With FailOpen the rule carries
+	// --queue-bypass: with no program reading the queue, packets are accepted; without it they
+	// are dropped (fail-closed).
+	Queues queue.Spec
 	// QueueAll queues every packet of flows touching local pods instead of only conntrack NEW.
 	QueueAll bool
 	// JudgeNode queues the node's own traffic to local pods (OUTPUT) too; by default it is
@@ -65,10 +67,10 @@ type RuleConfig struct {
 	JudgeNode bool
 	// LocalPods are the addresses whose traffic is judged; UpdateLocalPods replaces them.
 	LocalPods []netip.Addr
-	// OffloadSets, when set, names hash:ip,port,ip sets (created by Offload) matched before the
-	// NFQUEUE rule: a hit in Allow* accepts, in Deny* drops, without a trip to user space.
+	// Offload, when set, names hash:ip,port,ip sets (created by filter/offload) matched before
+	// the NFQUEUE rule: a hit in Allow* accepts, in Deny* drops, without a trip to user space.
 	// Empty names are skipped.
-	OffloadSets *OffloadSets
+	Offload *offload.Sets
 	// Backend forces "iptables-nft" or "iptables-legacy"; empty detects (see DetectBackend).
 	Backend string
 	Log     *slog.Logger
@@ -76,7 +78,7 @@ type RuleConfig struct {
 
 // Rules is the installed rule set of one agent.
 type Rules struct {
-	cfg     RuleConfig
+	cfg     Config
 	backend string
 	log     *slog.Logger
 
@@ -102,25 +104,31 @@ func families(backend string) []family {
 	}
 }
 
+// Backend is the iptables flavour chosen, and why.
+type Backend struct {
+	Name string // BackendNFT or BackendLegacy
+	Why  string
+}
+
 // DetectBackend chooses between iptables-nft and iptables-legacy for the current network
 // namespace. Rules of both kinds can coexist in the kernel but their order relative to each other
 // is not defined, so sluice follows whatever the node's other components (kube-proxy, the CNI)
 // already use: the backend holding more rules wins, nft on a tie (the default of current
 // distributions) when it works. Native nft `queue` is never used (see the package comment).
-func DetectBackend() (string, string, error) {
+func DetectBackend() (Backend, error) {
 	nftCount, nftErr := countRules(BackendNFT)
 	legacyCount, legacyErr := countRules(BackendLegacy)
 	switch {
 	case nftErr != nil && legacyErr != nil:
-		return "", "", fmt.Errorf("neither iptables-nft nor iptables-legacy works here (nft: %v; legacy: %v); install iptables (hack/deps.sh) and run as root", nftErr, legacyErr)
+		return Backend{}, fmt.Errorf("neither iptables-nft nor iptables-legacy works here (nft: %v; legacy: %v); install iptables (hack/deps.sh) and run as root", nftErr, legacyErr)
 	case nftErr != nil:
-		return BackendLegacy, fmt.Sprintf("iptables-nft unusable (%v)", nftErr), nil
+		return Backend{BackendLegacy, fmt.Sprintf("iptables-nft unusable (%v)", nftErr)}, nil
 	case legacyErr != nil:
-		return BackendNFT, fmt.Sprintf("iptables-legacy unusable (%v)", legacyErr), nil
+		return Backend{BackendNFT, fmt.Sprintf("iptables-legacy unusable (%v)", legacyErr)}, nil
 	case legacyCount > nftCount:
-		return BackendLegacy, fmt.Sprintf("%d legacy rules vs %d nft rules already present", legacyCount, nftCount), nil
+		return Backend{BackendLegacy, fmt.Sprintf("%d legacy rules vs %d nft rules already present", legacyCount, nftCount)}, nil
 	}
-	return BackendNFT, fmt.Sprintf("%d nft rules vs %d legacy rules already present; nft preferred on a tie", nftCount, legacyCount), nil
+	return Backend{BackendNFT, fmt.Sprintf("%d nft rules vs %d legacy rules already present; nft preferred on a tie", nftCount, legacyCount)}, nil
 }
 
 // countRules counts rules not ours in both families' filter, nat and mangle tables.
@@ -143,34 +151,31 @@ func countRules(backend string) (int, error) {
 	return n, nil
 }
 
-// InstallRules installs (or replaces) sluice's chains, jumps and local-pod sets in the current
+// Install installs (or replaces) sluice's chains, jumps and local-pod sets in the current
 // network namespace. It is idempotent: chains left by a crash or a running twin are rewritten in
 // place and jumps are kept to exactly one each.
-func InstallRules(cfg RuleConfig) (*Rules, error) {
+func Install(cfg Config) (*Rules, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	if cfg.Queues <= 0 {
-		cfg.Queues = 1
-	}
-	if int(cfg.QueueNum)+cfg.Queues-1 > 65535 {
-		return nil, fmt.Errorf("rules: queues %d..%d exceed 65535; lower --queue-num or --queues", cfg.QueueNum, int(cfg.QueueNum)+cfg.Queues-1)
+	if err := cfg.Queues.Validate(); err != nil {
+		return nil, fmt.Errorf("rules: %w", err)
 	}
 	if _, err := exec.LookPath("ipset"); err != nil {
 		return nil, errors.New("rules: the ipset command is missing; install ipset (hack/deps.sh)")
 	}
-	backend, why := cfg.Backend, "forced by configuration"
-	switch backend {
+	be := Backend{cfg.Backend, "forced by configuration"}
+	switch be.Name {
 	case "":
 		var err error
-		backend, why, err = DetectBackend()
-		if err != nil {
+		if be, err = DetectBackend(); err != nil {
 			return nil, fmt.Errorf("rules: %w", err)
 		}
 	case BackendNFT, BackendLegacy:
 	default:
-		return nil, fmt.Errorf("rules: unknown backend %q: use %s or %s", backend, BackendNFT, BackendLegacy)
+		return nil, fmt.Errorf("rules: unknown backend %q: use %s or %s", be.Name, BackendNFT, BackendLegacy)
 	}
+	backend := be.Name
 	unlock, err := lockRules()
 	if err != nil {
 		return nil, err
@@ -191,10 +196,10 @@ func InstallRules(cfg RuleConfig) (*Rules, error) {
 	if cfg.QueueAll {
 		mode = "queue-all"
 	}
-	cfg.Log.Info("kernel rules installed", "backend", backend, "why", why,
-		"queue_num", cfg.QueueNum, "queues", cfg.Queues, "fail_open", cfg.FailOpen,
+	cfg.Log.Info("kernel rules installed", "backend", backend, "why", be.Why,
+		"queue_num", cfg.Queues.First, "queues", cfg.Queues.Count, "fail_open", cfg.Queues.FailOpen,
 		"mode", mode, "judge_node", cfg.JudgeNode, "local_pods", len(cfg.LocalPods),
-		"offload", cfg.OffloadSets != nil)
+		"offload", cfg.Offload != nil)
 	return r, nil
 }
 
@@ -233,7 +238,7 @@ func (r *Rules) installFamily(fam family) error {
 	if !r.cfg.QueueAll {
 		fmt.Fprintf(&b, "-A %s -m conntrack ! --ctstate NEW -j RETURN\n", ChainQueue)
 	}
-	if o := r.cfg.OffloadSets; o != nil {
+	if o := r.cfg.Offload; o != nil {
 		allow, deny := o.Allow4, o.Deny4
 		if fam.v6 {
 			allow, deny = o.Allow6, o.Deny6
@@ -246,12 +251,12 @@ func (r *Rules) installFamily(fam family) error {
 		}
 	}
 	fmt.Fprintf(&b, "-A %s -j NFQUEUE", ChainQueue)
-	if r.cfg.Queues > 1 {
-		fmt.Fprintf(&b, " --queue-balance %d:%d", r.cfg.QueueNum, int(r.cfg.QueueNum)+r.cfg.Queues-1)
+	if q := r.cfg.Queues; q.Count > 1 {
+		fmt.Fprintf(&b, " --queue-balance %d:%d", q.First, q.Last())
 	} else {
-		fmt.Fprintf(&b, " --queue-num %d", r.cfg.QueueNum)
+		fmt.Fprintf(&b, " --queue-num %d", q.First)
 	}
-	if r.cfg.FailOpen {
+	if r.cfg.Queues.FailOpen {
 		b.WriteString(" --queue-bypass")
 	}
 	b.WriteString("\n")
@@ -366,7 +371,7 @@ func (r *Rules) updateSets(ips []netip.Addr) error {
 }
 
 // Remove deletes every rule, chain and local-pod set this Rules installed. Offload sets belong
-// to Offload: close it after Remove (a set still referenced by a rule can't be destroyed).
+// to filter/offload: close it after Remove (a set still referenced by a rule can't be destroyed).
 func (r *Rules) Remove() error {
 	unlock, err := lockRules()
 	if err != nil {
@@ -426,11 +431,11 @@ func destroySet(name string) error {
 	return nil
 }
 
-// CleanupRules removes everything sluice ever installs in the current network namespace, with
+// Cleanup removes everything sluice ever installs in the current network namespace, with
 // either backend: jumps to SLUICE-* chains, the chains, and every ipset named sluice-* (local pod
 // sets, and offload sets created with the "sluice" prefix). It is what `sluice agent --cleanup`
 // runs after a crash; running it with nothing installed is fine.
-func CleanupRules(log *slog.Logger) error {
+func Cleanup(log *slog.Logger) error {
 	if log == nil {
 		log = slog.Default()
 	}

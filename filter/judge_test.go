@@ -88,40 +88,40 @@ func TestJudge(t *testing.T) {
 		p     *Packet
 		track bool
 		want  bool
-		cause Cause
+		cause Reason
 	}
 	steps := []step{
-		{"frontend->backend:8080 SYN allowed by rule", pkt(fe, be, policy.TCP, 40000, 8080, tcpSYN), false, true, CauseRule},
-		{"backend->frontend:40000 SYN denied (frontend isolated)", pkt(be, fe, policy.TCP, 8080, 40000, tcpSYN), false, false, CauseIngress},
-		{"backend:8080->frontend ACK after conntrack flush: reply of an allowed flow", pkt(be, fe, policy.TCP, 8080, 40000, tcpACK), false, true, CauseReply},
-		{"backend:8080->frontend SYN-ACK: reply", pkt(be, fe, policy.TCP, 8080, 40000, tcpSYN|tcpACK), false, true, CauseReply},
-		{"backend:9999->frontend ACK: not a reply of anything allowed", pkt(be, fe, policy.TCP, 9999, 40000, tcpACK), false, false, CauseIngress},
-		{"frontend->backend:9090 denied", pkt(fe, be, policy.TCP, 40000, 9090, tcpSYN), false, false, CauseIngress},
-		{"dns:53->frontend UDP before any query: denied", pkt(dns, fe, policy.UDP, 53, 5353, 0), true, false, CauseIngress},
-		{"frontend->dns:53 UDP query allowed", pkt(fe, dns, policy.UDP, 5353, 53, 0), true, true, CauseRule},
-		{"dns:53->frontend:5353 UDP answer: tracked", pkt(dns, fe, policy.UDP, 53, 5353, 0), true, true, CauseTracked},
-		{"dns:53->frontend:5354 UDP to another port: denied", pkt(dns, fe, policy.UDP, 53, 5354, 0), true, false, CauseIngress},
-		{"frontend->backend SCTP INIT allowed", &Packet{Flow: policy.Flow{Src: fe, Dst: be, Proto: policy.SCTP, Port: 3868}, SrcPort: 7, Kind: KindPorts, SCTPChunk: sctpInit}, false, true, CauseRule},
-		{"backend->frontend SCTP DATA: reply", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.SCTP, Port: 7}, SrcPort: 3868, Kind: KindPorts}, false, true, CauseReply},
-		{"backend->frontend SCTP INIT: denied", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.SCTP, Port: 7}, SrcPort: 3868, Kind: KindPorts, SCTPChunk: sctpInit}, false, false, CauseIngress},
-		{"ICMP echo to isolated pod denied", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: 1}, Kind: KindQuery}, false, false, CauseIngress},
-		{"ICMP unreachable never blocked", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: 1}, Kind: KindControl}, false, true, CauseControl},
-		{"non-first fragment accepted", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.UDP}, Kind: KindFragment}, false, true, CauseFragment},
-		{"malformed dropped", &Packet{Kind: KindMalformed}, false, false, CauseMalformed},
+		{"frontend->backend:8080 SYN allowed by rule", pkt(fe, be, policy.TCP, 40000, 8080, tcpSYN), false, true, ReasonRule},
+		{"backend->frontend:40000 SYN denied (frontend isolated)", pkt(be, fe, policy.TCP, 8080, 40000, tcpSYN), false, false, ReasonIngressDenied},
+		{"backend:8080->frontend ACK after conntrack flush: reply of an allowed flow", pkt(be, fe, policy.TCP, 8080, 40000, tcpACK), false, true, ReasonReply},
+		{"backend:8080->frontend SYN-ACK: reply", pkt(be, fe, policy.TCP, 8080, 40000, tcpSYN|tcpACK), false, true, ReasonReply},
+		{"backend:9999->frontend ACK: not a reply of anything allowed", pkt(be, fe, policy.TCP, 9999, 40000, tcpACK), false, false, ReasonIngressDenied},
+		{"frontend->backend:9090 denied", pkt(fe, be, policy.TCP, 40000, 9090, tcpSYN), false, false, ReasonIngressDenied},
+		{"dns:53->frontend UDP before any query: denied", pkt(dns, fe, policy.UDP, 53, 5353, 0), true, false, ReasonIngressDenied},
+		{"frontend->dns:53 UDP query allowed", pkt(fe, dns, policy.UDP, 5353, 53, 0), true, true, ReasonRule},
+		{"dns:53->frontend:5353 UDP answer: tracked", pkt(dns, fe, policy.UDP, 53, 5353, 0), true, true, ReasonTracked},
+		{"dns:53->frontend:5354 UDP to another port: denied", pkt(dns, fe, policy.UDP, 53, 5354, 0), true, false, ReasonIngressDenied},
+		{"frontend->backend SCTP INIT allowed", &Packet{Flow: policy.Flow{Src: fe, Dst: be, Proto: policy.SCTP, Port: 3868}, SrcPort: 7, Kind: KindPorts, SCTPChunk: sctpInit}, false, true, ReasonRule},
+		{"backend->frontend SCTP DATA: reply", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.SCTP, Port: 7}, SrcPort: 3868, Kind: KindPorts}, false, true, ReasonReply},
+		{"backend->frontend SCTP INIT: denied", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.SCTP, Port: 7}, SrcPort: 3868, Kind: KindPorts, SCTPChunk: sctpInit}, false, false, ReasonIngressDenied},
+		{"ICMP echo to isolated pod denied", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: 1}, Kind: KindQuery}, false, false, ReasonIngressDenied},
+		{"ICMP unreachable never blocked", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: 1}, Kind: KindControl}, false, true, ReasonControl},
+		{"non-first fragment accepted", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.UDP}, Kind: KindFragment}, false, true, ReasonFragment},
+		{"malformed dropped", &Packet{Kind: KindMalformed}, false, false, ReasonMalformed},
 	}
 	c := NewFlowCache(128)
-	tr := NewReturnTable(128)
+	tr := newReturnTable(128)
 	for _, st := range steps {
-		var track *ReturnTable
+		var track *returnTable
 		if st.track {
 			track = tr
 		}
 		j := judge(s, st.p, c, track, false, now)
-		if j.accept != st.want || j.cause != st.cause {
-			t.Errorf("%s: accept=%v cause=%v, want accept=%v cause=%v", st.name, j.accept, j.cause, st.want, st.cause)
+		if j.Accept != st.want || j.Reason != st.cause {
+			t.Errorf("%s: accept=%v reason=%v, want accept=%v reason=%v", st.name, j.Accept, j.Reason, st.want, st.cause)
 		}
 	}
-	if j := judge(nil, pkt(be, fe, policy.TCP, 1, 2, tcpSYN), c, nil, false, now); !j.accept || j.cause != CauseNoSnapshot {
+	if j := judge(nil, pkt(be, fe, policy.TCP, 1, 2, tcpSYN), c, nil, false, now); !j.Accept || j.Reason != ReasonNoSnapshot {
 		t.Errorf("no snapshot: %+v, want accept", j)
 	}
 }
@@ -138,23 +138,23 @@ spec: {podSelector: {matchLabels: {tier: frontend}}, policyTypes: [Egress]}
 `)
 	now := time.Now().UnixNano()
 	for _, cut := range []bool{false, true} {
-		c, tr := NewFlowCache(128), NewReturnTable(128)
+		c, tr := NewFlowCache(128), newReturnTable(128)
 		syn := pkt(fe, be, policy.TCP, 40000, 8080, tcpSYN)
-		if j := judge(s1, syn, c, tr, cut, now); !j.accept {
+		if j := judge(s1, syn, c, tr, cut, now); !j.Accept {
 			t.Fatalf("syn denied under s1")
 		}
 		data := pkt(fe, be, policy.TCP, 40000, 8080, tcpACK)
-		if j := judge(s1, data, c, tr, cut, now); !j.accept || j.cause != CauseTracked {
+		if j := judge(s1, data, c, tr, cut, now); !j.Accept || j.Reason != ReasonTracked {
 			t.Fatalf("data not tracked: %+v", j)
 		}
 		reply := pkt(be, fe, policy.TCP, 8080, 40000, tcpACK)
-		if j := judge(s2, reply, c, tr, cut, now+1); j.accept == cut {
-			t.Errorf("cut=%v: reply after the policy change accept=%v", cut, j.accept)
+		if j := judge(s2, reply, c, tr, cut, now+1); j.Accept == cut {
+			t.Errorf("cut=%v: reply after the policy change accept=%v", cut, j.Accept)
 		}
-		if j := judge(s2, data, c, tr, cut, now+2); j.accept == cut {
-			t.Errorf("cut=%v: data after the policy change accept=%v", cut, j.accept)
+		if j := judge(s2, data, c, tr, cut, now+2); j.Accept == cut {
+			t.Errorf("cut=%v: data after the policy change accept=%v", cut, j.Accept)
 		}
-		if j := judge(s2, pkt(fe, be, policy.TCP, 40001, 8080, tcpSYN), c, tr, cut, now+3); j.accept {
+		if j := judge(s2, pkt(fe, be, policy.TCP, 40001, 8080, tcpSYN), c, tr, cut, now+3); j.Accept {
 			t.Errorf("cut=%v: a new connection must be denied under s2", cut)
 		}
 	}
@@ -199,7 +199,7 @@ func TestFlowCache(t *testing.T) {
 }
 
 func TestReturnTableTimeouts(t *testing.T) {
-	tr := NewReturnTable(16)
+	tr := newReturnTable(16)
 	now := time.Now().UnixNano()
 	k := tuple{Src: fe, Dst: dns, Proto: policy.UDP, SrcPort: 5353, DstPort: 53}
 	tr.Record(k, policy.Flow{Src: fe, Dst: dns, Proto: policy.UDP, Port: 53}, 1, now)
@@ -222,7 +222,7 @@ func TestHotPathAllocatesNothing(t *testing.T) {
 	s := compileTest(t, 1, "")
 	d := NewDecoder()
 	c := NewFlowCache(1024)
-	tr := NewReturnTable(1024)
+	tr := newReturnTable(1024)
 	var p Packet
 	syn := pkt(fe, be, policy.TCP, 40000, 8080, tcpSYN)
 	judge(s, syn, c, tr, true, 1)
@@ -243,10 +243,34 @@ func TestHotPathAllocatesNothing(t *testing.T) {
 	}
 }
 
-func TestCauseMirrorsReason(t *testing.T) {
-	for r := policy.ReasonUnisolated; r <= policy.ReasonIngress; r++ {
-		if Cause(r).String() != r.String() {
-			t.Errorf("cause %d is %q, reason is %q", r, Cause(r), r)
+// Every reason policy can give maps to the packet path's reason of the same name, explicitly:
+// a Reason added to policy must be added here too, or this fails.
+func TestReasonMapsEveryPolicyReason(t *testing.T) {
+	known := 0
+	for i := 0; i < 256; i++ {
+		r := policy.Reason(i)
+		if r.String() == "unknown" {
+			continue
+		}
+		known++
+		got := policyReason(r)
+		if got == reasonUnmapped {
+			t.Errorf("policy.Reason %d (%q) has no packet-path reason: add it to policyReason", i, r)
+			continue
+		}
+		if got.String() != r.String() {
+			t.Errorf("policy.Reason %q maps to %q", r, got)
+		}
+	}
+	if known < 4 {
+		t.Fatalf("only %d policy reasons found; the scan is broken", known)
+	}
+	seen := map[string]bool{}
+	for r := Reason(0); r < numReasons; r++ {
+		if n := r.String(); seen[n] || n == "" {
+			t.Errorf("reason %d has a duplicate or empty name %q", r, n)
+		} else {
+			seen[n] = true
 		}
 	}
 }

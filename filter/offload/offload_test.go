@@ -1,4 +1,4 @@
-package filter
+package offload
 
 import (
 	"context"
@@ -18,24 +18,25 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/sluice-dev/sluice/filter"
 	"github.com/sluice-dev/sluice/policy"
 )
 
 func TestOffloadRecordDoesNotAllocate(t *testing.T) {
-	// Record touches only the queue and counters, so a kernel-less Offload measures it.
+	// RecordGen touches only the queue and counters, so a kernel-less Offload measures it.
 	o := &Offload{q: make(chan offloadItem, 8)}
 	f := policy.Flow{Src: netip.MustParseAddr("10.244.0.2"), Dst: netip.MustParseAddr("10.244.1.2"), Proto: policy.TCP, Port: 80}
-	allocs := testing.AllocsPerRun(1000, func() { o.Record(f, true) })
+	allocs := testing.AllocsPerRun(1000, func() { o.RecordGen(1, f, true) })
 	if allocs != 0 {
-		t.Fatalf("Record allocates %.1f times per call; the packet path must not allocate", allocs)
+		t.Fatalf("RecordGen allocates %.1f times per call; the packet path must not allocate", allocs)
 	}
-	st := o.Stats()
+	st := o.stats()
 	if st.Recorded != 8 || st.Dropped == 0 {
 		t.Fatalf("a full queue must drop and count: %+v", st)
 	}
-	o.Record(policy.Flow{Src: f.Src, Dst: f.Dst, Proto: 1}, true)
-	if o.Stats().Skipped != 1 {
-		t.Fatalf("ICMP must not be offloaded: %+v", o.Stats())
+	o.RecordGen(1, policy.Flow{Src: f.Src, Dst: f.Dst, Proto: 1}, true)
+	if o.stats().Skipped != 1 {
+		t.Fatalf("ICMP must not be offloaded: %+v", o.stats())
 	}
 }
 
@@ -154,10 +155,10 @@ func TestOffloadRealPackets(t *testing.T) {
 
 	var o *Offload
 	if err := inNetns(l.node, func() (err error) {
-		o, err = NewOffload("slo-test", 30*time.Second, nil)
+		o, err = New("slo-test", 30*time.Second, nil)
 		return err
 	}); err != nil {
-		t.Fatalf("NewOffload in the node namespace: %v", err)
+		t.Fatalf("New in the node namespace: %v", err)
 	}
 	const queueNum = 7
 	s := o.Sets()
@@ -198,7 +199,7 @@ func TestOffloadRealPackets(t *testing.T) {
 				if !allowed {
 					verdict = nfqueue.NfDrop
 				}
-				o.Record(f, allowed)
+				o.RecordGen(o.gen.Load(), f, allowed)
 			}
 		}
 		q.SetVerdict(*a.PacketID, verdict)
@@ -280,29 +281,24 @@ func TestOffloadRealPackets(t *testing.T) {
 		t.Fatal("denied flow is in the allow set")
 	}
 
-	// A policy change flushes: the next connection is decided in user space again. The grace
-	// period is lengthened so the follow-up flush surely comes after the re-recorded entry.
-	o.mu.Lock()
-	o.grace = 2 * time.Second
-	o.mu.Unlock()
-	o.Flush()
-	if o.Stats().Flushes == 0 {
-		t.Fatal("Flush did not run")
+	// A policy change flushes: the next connection is decided in user space again.
+	if err := o.FlushGen(o.gen.Load() + 1); err != nil {
+		t.Fatal(err)
+	}
+	if o.stats().Flushes == 0 {
+		t.Fatal("FlushGen did not run")
 	}
 	if has(s.Allow4, 8080) || has(s.Deny4, 8081) {
-		t.Fatal("entries survived Flush")
+		t.Fatal("entries survived FlushGen")
 	}
 	before = queued.Load()
 	if err := dial(8080, 3*time.Second); err != nil {
 		t.Fatalf("connection after flush: %v", err)
 	}
 	if queued.Load() == before {
-		t.Fatal("after Flush the connection did not reach the queue: a stale verdict survived")
+		t.Fatal("after FlushGen the connection did not reach the queue: a stale verdict survived")
 	}
 	waitFor(t, "the flow to be offloaded again", func() bool { return has(s.Allow4, 8080) })
-	// That entry was recorded within the grace period, where a stale verdict could also have
-	// slipped in: the follow-up flush removes it.
-	waitFor(t, "the follow-up flush to empty the set", func() bool { return !has(s.Allow4, 8080) })
 
 	// A verdict from before a flush must not land after it.
 	gen := o.gen.Load()
@@ -315,10 +311,10 @@ func TestOffloadRealPackets(t *testing.T) {
 	if has(s.Allow4, 9999) {
 		t.Fatal("a verdict of an older generation was written after FlushGen")
 	}
-	if st := o.Stats(); st.Stale == 0 || st.Errors != 0 {
+	if st := o.stats(); st.Stale == 0 || st.Errors != 0 {
 		t.Fatalf("stats: %+v", st)
 	}
 }
 
-// The dataplane takes the offload through its FlowRecorder interface.
-var _ FlowRecorder = (*Offload)(nil)
+// The packet path takes the offload through its FlowRecorder interface.
+var _ filter.FlowRecorder = (*Offload)(nil)

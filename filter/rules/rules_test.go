@@ -1,4 +1,4 @@
-package filter
+package rules
 
 import (
 	"context"
@@ -15,6 +15,8 @@ import (
 	nfqueue "github.com/florianl/go-nfqueue/v2"
 	"github.com/vishvananda/netns"
 
+	"github.com/sluice-dev/sluice/filter/offload"
+	"github.com/sluice-dev/sluice/filter/queue"
 	"github.com/sluice-dev/sluice/internal/netlab"
 )
 
@@ -73,17 +75,17 @@ func newRulesLab(t *testing.T) *rulesLab {
 	return rl
 }
 
-func (rl *rulesLab) install(t *testing.T, cfg RuleConfig) *Rules {
+func (rl *rulesLab) install(t *testing.T, cfg Config) *Rules {
 	t.Helper()
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	var r *Rules
 	if err := rl.Node().Do(func() (err error) {
-		r, err = InstallRules(cfg)
+		r, err = Install(cfg)
 		return err
 	}); err != nil {
-		t.Fatalf("InstallRules: %v", err)
+		t.Fatalf("Install: %v", err)
 	}
 	t.Cleanup(func() { rl.Node().Do(r.Remove) })
 	return r
@@ -138,7 +140,7 @@ func TestRulesInstallTwiceRemove(t *testing.T) {
 	for _, backend := range []string{BackendNFT, BackendLegacy} {
 		t.Run(backend, func(t *testing.T) {
 			rl := newRulesLab(t)
-			cfg := RuleConfig{QueueNum: 7, Queues: 2, FailOpen: true, JudgeNode: true,
+			cfg := Config{Queues: queue.Spec{First: 7, Count: 2, FailOpen: true}, JudgeNode: true,
 				LocalPods: []netip.Addr{rB4, rB6}, Backend: backend}
 			r := rl.install(t, cfg)
 			if r.Backend() != backend {
@@ -179,10 +181,10 @@ func TestRulesInstallTwiceRemove(t *testing.T) {
 	}
 }
 
-func TestCleanupRulesAfterCrash(t *testing.T) {
+func TestCleanupAfterCrash(t *testing.T) {
 	rl := newRulesLab(t)
 	for _, backend := range []string{BackendNFT, BackendLegacy} {
-		rl.install(t, RuleConfig{QueueNum: 3, LocalPods: []netip.Addr{rB4}, Backend: backend})
+		rl.install(t, Config{Queues: queue.Spec{First: 3, Count: 1}, LocalPods: []netip.Addr{rB4}, Backend: backend})
 	}
 	// A crash of an older version could leave a duplicate jump and an offload set behind.
 	if _, err := rl.NodeExec("iptables-nft", "-A", "FORWARD", "-j", ChainForward); err != nil {
@@ -198,39 +200,39 @@ func TestCleanupRulesAfterCrash(t *testing.T) {
 	if _, err := rl.NodeExec("ipset", "create", "other-set", "hash:ip"); err != nil {
 		t.Fatal(err)
 	}
-	if err := rl.Node().Do(func() error { return CleanupRules(slog.New(slog.DiscardHandler)) }); err != nil {
+	if err := rl.Node().Do(func() error { return Cleanup(slog.New(slog.DiscardHandler)) }); err != nil {
 		t.Fatal(err)
 	}
 	for _, backend := range []string{BackendNFT, BackendLegacy} {
 		if after := rl.save(t, backend); strings.Contains(after, "SLUICE") {
-			t.Errorf("%s: sluice rules remain after CleanupRules:\n%s", backend, after)
+			t.Errorf("%s: sluice rules remain after Cleanup:\n%s", backend, after)
 		}
 	}
 	if !strings.Contains(rl.save(t, BackendNFT), "--dport 9 -j ACCEPT") {
-		t.Error("CleanupRules removed a rule that is not sluice's")
+		t.Error("Cleanup removed a rule that is not sluice's")
 	}
 	out, _ := rl.NodeExec("ipset", "list", "-n")
 	if strings.Contains(out, "sluice-") || !strings.Contains(out, "other-set") {
-		t.Errorf("after CleanupRules want only other-set, have: %s", out)
+		t.Errorf("after Cleanup want only other-set, have: %s", out)
 	}
 	// Nothing left: a second run is a no-op.
-	if err := rl.Node().Do(func() error { return CleanupRules(slog.New(slog.DiscardHandler)) }); err != nil {
-		t.Errorf("CleanupRules with nothing installed: %v", err)
+	if err := rl.Node().Do(func() error { return Cleanup(slog.New(slog.DiscardHandler)) }); err != nil {
+		t.Errorf("Cleanup with nothing installed: %v", err)
 	}
 }
 
 // acceptLoop plays a trivial agent: it accepts every queued packet and counts them.
-func acceptLoop(t *testing.T, rl *rulesLab, queue uint16) *atomic.Int64 {
+func acceptLoop(t *testing.T, rl *rulesLab, queueNum uint16) *atomic.Int64 {
 	t.Helper()
 	nsh, err := netns.GetFromName(rl.Node().Netns)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer nsh.Close()
-	q, err := nfqueue.Open(&nfqueue.Config{NetNS: int(nsh), NfQueue: queue, MaxPacketLen: 128,
+	q, err := nfqueue.Open(&nfqueue.Config{NetNS: int(nsh), NfQueue: queueNum, MaxPacketLen: 128,
 		MaxQueueLen: 1024, Copymode: nfqueue.NfQnlCopyPacket, WriteTimeout: time.Second})
 	if err != nil {
-		t.Fatalf("open NFQUEUE %d in the node namespace: %v", queue, err)
+		t.Fatalf("open NFQUEUE %d in the node namespace: %v", queueNum, err)
 	}
 	var n atomic.Int64
 	ctx, cancel := context.WithCancel(context.Background())
@@ -253,7 +255,7 @@ func acceptLoop(t *testing.T, rl *rulesLab, queue uint16) *atomic.Int64 {
 
 func TestRulesQueueRealConnections(t *testing.T) {
 	rl := newRulesLab(t)
-	rl.install(t, RuleConfig{QueueNum: 11, LocalPods: []netip.Addr{rB4, rB6}})
+	rl.install(t, Config{Queues: queue.Spec{First: 11, Count: 1}, LocalPods: []netip.Addr{rB4, rB6}})
 	queued := acceptLoop(t, rl, 11)
 
 	// Fail-closed and a reader: connections to the local pod pass only through the reader.
@@ -282,7 +284,7 @@ func TestRulesQueueRealConnections(t *testing.T) {
 
 func TestRulesQueueAll(t *testing.T) {
 	rl := newRulesLab(t)
-	rl.install(t, RuleConfig{QueueNum: 12, QueueAll: true, LocalPods: []netip.Addr{rB4}})
+	rl.install(t, Config{Queues: queue.Spec{First: 12, Count: 1}, QueueAll: true, LocalPods: []netip.Addr{rB4}})
 	queued := acceptLoop(t, rl, 12)
 	rl.expect(t, rl.a, rB4, netlab.TCP, true)
 	// SYN, SYN-ACK, ACK, data, echo, ... all queued in both directions.
@@ -294,7 +296,7 @@ func TestRulesQueueAll(t *testing.T) {
 func TestRulesWithoutReader(t *testing.T) {
 	rl := newRulesLab(t)
 	t.Run("fail-open", func(t *testing.T) {
-		r := rl.install(t, RuleConfig{QueueNum: 21, FailOpen: true, LocalPods: []netip.Addr{rB4, rB6}})
+		r := rl.install(t, Config{Queues: queue.Spec{First: 21, Count: 1, FailOpen: true}, LocalPods: []netip.Addr{rB4, rB6}})
 		for _, p := range []netlab.Proto{netlab.TCP, netlab.UDP} {
 			rl.expect(t, rl.a, rB4, p, true)
 			rl.expect(t, rl.a, rB6, p, true)
@@ -302,7 +304,7 @@ func TestRulesWithoutReader(t *testing.T) {
 		rl.Node().Do(r.Remove)
 	})
 	t.Run("fail-closed", func(t *testing.T) {
-		r := rl.install(t, RuleConfig{QueueNum: 22, LocalPods: []netip.Addr{rB4, rB6}})
+		r := rl.install(t, Config{Queues: queue.Spec{First: 22, Count: 1}, LocalPods: []netip.Addr{rB4, rB6}})
 		for _, p := range []netlab.Proto{netlab.TCP, netlab.UDP} {
 			rl.expect(t, rl.a, rB4, p, false)
 			rl.expect(t, rl.a, rB6, p, false)
@@ -323,12 +325,12 @@ func TestRulesWithoutReader(t *testing.T) {
 		rl.Node().Do(r.Remove)
 	})
 	t.Run("judge-node", func(t *testing.T) {
-		r := rl.install(t, RuleConfig{QueueNum: 23, JudgeNode: true, LocalPods: []netip.Addr{rB4}})
+		r := rl.install(t, Config{Queues: queue.Spec{First: 23, Count: 1}, JudgeNode: true, LocalPods: []netip.Addr{rB4}})
 		rl.expect(t, rl.Node(), rB4, netlab.TCP, false)
 		rl.Node().Do(r.Remove)
 	})
 	t.Run("offload-sets", func(t *testing.T) {
-		sets := &OffloadSets{Allow4: "sluice-t-allow4", Deny4: "sluice-t-deny4"}
+		sets := &offload.Sets{Allow4: "sluice-t-allow4", Deny4: "sluice-t-deny4"}
 		for _, s := range []string{sets.Allow4, sets.Deny4} {
 			if _, err := rl.NodeExec("ipset", "create", s, "hash:ip,port,ip", "timeout", "60"); err != nil {
 				t.Fatal(err)
@@ -339,11 +341,11 @@ func TestRulesWithoutReader(t *testing.T) {
 		// fail-closed the allow set must still pass.
 		rl.NodeExec("ipset", "add", sets.Deny4, fmt.Sprintf("%s,tcp:80,%s", rA4, rB4))
 		rl.NodeExec("ipset", "add", sets.Allow4, fmt.Sprintf("%s,udp:80,%s", rA4, rB4))
-		r := rl.install(t, RuleConfig{QueueNum: 24, FailOpen: true, OffloadSets: sets, LocalPods: []netip.Addr{rB4}})
+		r := rl.install(t, Config{Queues: queue.Spec{First: 24, Count: 1, FailOpen: true}, Offload: sets, LocalPods: []netip.Addr{rB4}})
 		rl.expect(t, rl.a, rB4, netlab.TCP, false)
 		rl.expect(t, rl.a, rB4, netlab.UDP, true)
 		rl.Node().Do(r.Remove)
-		r = rl.install(t, RuleConfig{QueueNum: 25, OffloadSets: sets, LocalPods: []netip.Addr{rB4}})
+		r = rl.install(t, Config{Queues: queue.Spec{First: 25, Count: 1}, Offload: sets, LocalPods: []netip.Addr{rB4}})
 		rl.expect(t, rl.a, rB4, netlab.UDP, true)
 		rl.expect(t, rl.b, rA4, netlab.UDP, false) // not in the allow set: to the (absent) reader
 		rl.Node().Do(r.Remove)
@@ -353,8 +355,10 @@ func TestRulesWithoutReader(t *testing.T) {
 func TestDetectBackendInFreshNamespace(t *testing.T) {
 	rl := newRulesLab(t)
 	var backend, why string
+	var be Backend
 	if err := rl.Node().Do(func() (err error) {
-		backend, why, err = DetectBackend()
+		be, err = DetectBackend()
+		backend, why = be.Name, be.Why
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -367,7 +371,8 @@ func TestDetectBackendInFreshNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := rl.Node().Do(func() (err error) {
-		backend, why, err = DetectBackend()
+		be, err = DetectBackend()
+		backend, why = be.Name, be.Why
 		return err
 	}); err != nil {
 		t.Fatal(err)

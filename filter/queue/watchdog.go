@@ -1,4 +1,4 @@
-package filter
+package queue
 
 import (
 	"context"
@@ -19,7 +19,7 @@ const watchdogTick = 500 * time.Millisecond
 // packets waiting for Stall without a single verdict. If the watchdog itself did not run for a
 // while (the whole process was stopped, SIGSTOP, or starved), it restarts its clocks: the
 // workers had no chance either, and resuming must not be mistaken for a stall.
-func (d *Dataplane) watchdog(ctx context.Context) {
+func (q *Queues) watchdog(ctx context.Context) {
 	t := time.NewTicker(watchdogTick)
 	defer t.Stop()
 	last := time.Now().UnixNano()
@@ -31,30 +31,30 @@ func (d *Dataplane) watchdog(ctx context.Context) {
 		}
 		now := time.Now().UnixNano()
 		if now-last > int64(3*watchdogTick) {
-			for _, w := range d.workers {
+			for _, w := range q.workers {
 				w.waitSince, w.stallSince = 0, 0
 			}
 		}
 		last = now
-		stats, err := ReadQueueStats()
+		stats, err := Stats()
 		if err != nil {
-			d.log.Warn("watchdog cannot read queue stats", "err", err)
+			q.log.Warn("watchdog cannot read queue stats", "err", err)
 		}
 		waiting := map[uint16]uint64{}
-		for _, q := range stats {
-			waiting[q.Queue] = q.Waiting
+		for _, st := range stats {
+			waiting[st.Queue] = st.Waiting
 		}
-		d.check(now, waiting)
+		q.check(now, waiting)
 	}
 }
 
 // check evaluates every worker at time now given the packets waiting per queue, updates
 // health, and calls OnStuck (default: exit) for a worker stuck for Exit.
-func (d *Dataplane) check(now int64, waiting map[uint16]uint64) {
-	stall, exit := int64(d.cfg.Stall), int64(d.cfg.Exit)
+func (q *Queues) check(now int64, waiting map[uint16]uint64) {
+	stall, exit := int64(q.cfg.Stall), int64(q.cfg.Exit)
 	var why string
 	stuck := 0
-	for _, w := range d.workers {
+	for _, w := range q.workers {
 		progress := w.progress.Load()
 		busy := w.busySince.Load()
 		if waiting[w.queue] > 0 {
@@ -77,26 +77,26 @@ func (d *Dataplane) check(now int64, waiting map[uint16]uint64) {
 		}
 		if w.stallSince == 0 {
 			w.stallSince = since
-			d.log.Error("queue worker stuck: packets are waiting and no verdict is given",
+			q.log.Error("queue worker stuck: packets are waiting and no verdict is given",
 				"queue", w.queue, "waiting", waiting[w.queue], "for", time.Duration(now-since).String())
 		}
 		stuck++
 		why = fmt.Sprintf("queue %d worker stuck for %s with %d packets waiting", w.queue,
 			time.Duration(now-w.stallSince).Round(time.Millisecond), waiting[w.queue])
 		if now-w.stallSince >= exit {
-			d.log.Error("queue worker stuck too long; exiting so that the supervisor restarts the agent",
+			q.log.Error("queue worker stuck too long; exiting so that the supervisor restarts the agent",
 				"queue", w.queue)
-			if d.cfg.OnStuck != nil {
-				d.cfg.OnStuck()
+			if q.cfg.OnStuck != nil {
+				q.cfg.OnStuck()
 			} else {
 				os.Exit(3)
 			}
 		}
 	}
-	d.m.stalled.Set(float64(stuck))
+	q.m.stalled.Set(float64(stuck))
 	if stuck == 0 {
-		d.healthy.Store(nil)
+		q.unhealthy.Store(nil)
 	} else {
-		d.healthy.Store(&why)
+		q.unhealthy.Store(&why)
 	}
 }

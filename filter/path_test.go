@@ -3,7 +3,6 @@ package filter
 import (
 	"bytes"
 	"encoding/json"
-	"io"
 	"log/slog"
 	"net"
 	"strings"
@@ -19,11 +18,11 @@ func tcp4(t testing.TB, src, dst net.IP, sport, dport uint16, syn, ack bool) []b
 }
 
 // drain writes every pending log record synchronously.
-func drain(d *Dataplane) {
+func drain(e *Engine) {
 	for {
 		select {
-		case r := <-d.logw.ch:
-			d.logw.write(r)
+		case r := <-e.logw.ch:
+			e.logw.write(r)
 		default:
 			return
 		}
@@ -33,22 +32,22 @@ func drain(d *Dataplane) {
 func TestHandleCountsLogsAndDoesNotAllocate(t *testing.T) {
 	var buf bytes.Buffer
 	log := slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	d := New(Config{Log: log, LogEvery: time.Hour})
-	w := d.workers[0]
+	d := NewEngine(Config{Log: log, LogEvery: time.Hour})
+	w := d.NewPath(0)
 	allowed := tcp4(t, fe.AsSlice(), be.AsSlice(), 40000, 8080, true, false)
 	denied := tcp4(t, be.AsSlice(), fe.AsSlice(), 40000, 22, true, false)
 	now := time.Now().UnixNano()
-	if !w.handle(denied, now) {
+	if !w.Handle(denied, time.Unix(0, now)) {
 		t.Fatal("before the first snapshot everything must be accepted")
 	}
 	d.Publish(compileTest(t, 1, ""))
-	if !w.handle(allowed, now) {
+	if !w.Handle(allowed, time.Unix(0, now)) {
 		t.Fatal("allowed flow dropped")
 	}
-	if w.handle(denied, now) {
+	if w.Handle(denied, time.Unix(0, now)) {
 		t.Fatal("denied flow accepted")
 	}
-	w.handle(denied, now+1) // a retransmission: counted, not logged again
+	w.Handle(denied, time.Unix(0, now+1)) // a retransmission: counted, not logged again
 	drain(d)
 	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
 	var drops []map[string]any
@@ -81,20 +80,20 @@ func TestHandleCountsLogsAndDoesNotAllocate(t *testing.T) {
 		t.Errorf("no-snapshot counter %v, want 1", got)
 	}
 	// Accepts and repeated drops cost no allocation.
-	if n := testing.AllocsPerRun(1000, func() { w.handle(allowed, now) }); n != 0 {
+	if n := testing.AllocsPerRun(1000, func() { w.Handle(allowed, time.Unix(0, now)) }); n != 0 {
 		t.Errorf("accept path: %v allocs", n)
 	}
-	if n := testing.AllocsPerRun(1000, func() { w.handle(denied, now+2) }); n != 0 {
+	if n := testing.AllocsPerRun(1000, func() { w.Handle(denied, time.Unix(0, now+2)) }); n != 0 {
 		t.Errorf("rate-limited drop path: %v allocs", n)
 	}
 }
 
 func TestAuditAcceptsAndLogs(t *testing.T) {
 	var buf bytes.Buffer
-	d := New(Config{Log: slog.New(slog.NewTextHandler(&buf, nil)), Audit: true})
+	d := NewEngine(Config{Log: slog.New(slog.NewTextHandler(&buf, nil)), Audit: true})
 	d.Publish(compileTest(t, 1, ""))
-	w := d.workers[0]
-	if !w.handle(tcp4(t, be.AsSlice(), fe.AsSlice(), 1, 22, true, false), time.Now().UnixNano()) {
+	w := d.NewPath(0)
+	if !w.Handle(tcp4(t, be.AsSlice(), fe.AsSlice(), 1, 22, true, false), time.Now()) {
 		t.Fatal("audit mode dropped a packet")
 	}
 	drain(d)
@@ -106,65 +105,14 @@ func TestAuditAcceptsAndLogs(t *testing.T) {
 	}
 }
 
-func TestWatchdog(t *testing.T) {
-	stuck := 0
-	d := New(Config{Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Queues: 2, QueueNum: 7,
-		Stall: 2 * time.Second, Exit: 10 * time.Second, OnStuck: func() { stuck++ }})
-	sec := int64(time.Second)
-	t0 := time.Now().UnixNano()
-	for _, w := range d.workers {
-		w.progress.Store(t0)
-	}
-	// A packet arrives on queue 8 and nothing happens: not stuck at once...
-	d.check(t0, map[uint16]uint64{8: 1})
-	d.check(t0+sec, map[uint16]uint64{8: 1})
-	if d.Health() != nil {
-		t.Fatal("unhealthy after 1 s")
-	}
-	// ...unhealthy after Stall...
-	d.check(t0+3*sec, map[uint16]uint64{8: 1})
-	if err := d.Health(); err == nil || !strings.Contains(err.Error(), "queue 8") {
-		t.Fatalf("health after 3 s of no progress: %v", err)
-	}
-	// ...and OnStuck after Exit.
-	d.check(t0+14*sec, map[uint16]uint64{8: 1})
-	if stuck != 1 {
-		t.Fatalf("OnStuck called %d times", stuck)
-	}
-	// Progress heals.
-	d.workers[1].progress.Store(t0 + 15*sec)
-	d.check(t0+15*sec, map[uint16]uint64{8: 1})
-	d.check(t0+16*sec, map[uint16]uint64{8: 0})
-	if err := d.Health(); err != nil {
-		t.Fatalf("still unhealthy after progress: %v", err)
-	}
-	// A worker stuck inside one packet, with an empty queue.
-	d.workers[0].busySince.Store(t0 + 16*sec)
-	d.check(t0+19*sec, nil)
-	if d.Health() == nil {
-		t.Fatal("worker busy for 3 s not reported")
-	}
-}
-
-func testCounter(t *testing.T, d *Dataplane, verdict, reason string) float64 {
+func testCounter(t *testing.T, e *Engine, verdict, reason string) float64 {
 	t.Helper()
-	mfs, err := d.m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != "sluice_packets_total" {
-			continue
+	c := e.Counters()
+	got := -1.0
+	c.EachPacket(func(v Verdict, r Reason, n uint64) {
+		if v.String() == verdict && r.String() == reason {
+			got = float64(n)
 		}
-		for _, m := range mf.GetMetric() {
-			l := map[string]string{}
-			for _, lp := range m.GetLabel() {
-				l[lp.GetName()] = lp.GetValue()
-			}
-			if l["verdict"] == verdict && l["reason"] == reason {
-				return m.GetCounter().GetValue()
-			}
-		}
-	}
-	return -1
+	})
+	return got
 }

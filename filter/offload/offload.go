@@ -1,4 +1,7 @@
-package filter
+// Package offload mirrors decided flows into kernel ipsets (hash:ip,port,ip: source IP,
+// protocol:destination port, destination IP, with a timeout) that iptables rules match before the
+// NFQUEUE rule, so repeat connections between the same endpoints are decided in the kernel.
+package offload
 
 import (
 	"errors"
@@ -10,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
@@ -17,17 +21,17 @@ import (
 	"github.com/sluice-dev/sluice/policy"
 )
 
-// OffloadSets names the kernel sets that hold offloaded verdicts. Each is an ipset of type
+// Sets names the kernel sets that hold offloaded verdicts. Each is an ipset of type
 // hash:ip,port,ip keyed (source IP, protocol:destination port, destination IP) — exactly the flow
 // cache key — so an iptables rule `-m set --match-set NAME src,dst,dst` placed before the NFQUEUE
 // rule accepts (Allow*) or drops (Deny*) repeat flows in the kernel. An empty name means the set
 // does not exist and no rule should reference it.
-type OffloadSets struct {
+type Sets struct {
 	Allow4, Deny4, Allow6, Deny6 string
 }
 
-// OffloadStats counts what the offloader did since it started.
-type OffloadStats struct {
+// stats counts what the offloader did since it started; it is exported as metrics.
+type stats struct {
 	Recorded uint64 // Record calls that were queued for the kernel
 	Dropped  uint64 // Record calls lost because the queue was full (the flow simply stays in user space)
 	Skipped  uint64 // Record calls for protocols the sets cannot key on (not TCP/UDP/SCTP)
@@ -54,15 +58,15 @@ type offloadItem struct {
 }
 
 // Offload mirrors decided flows into kernel sets so that later connections between the same
-// endpoints never leave the kernel. The packet path calls Record (non-blocking, no allocation);
-// one background goroutine writes the entries over netlink. Flush empties every set when the
-// policy snapshot changes.
+// endpoints never leave the kernel. The packet path calls RecordGen (non-blocking, no
+// allocation); one background goroutine writes the entries over netlink. FlushGen empties every
+// set when the policy snapshot changes. Offload is a prometheus.Collector of its counters.
 //
 // Order of teardown: remove the iptables rules that reference Sets() first, then Close, which
 // destroys the sets (the kernel refuses to destroy a set a rule still uses).
 type Offload struct {
-	h       *netlink.Handle // bound to the network namespace NewOffload ran in
-	sets    OffloadSets
+	h       *netlink.Handle // bound to the network namespace New ran in
+	sets    Sets
 	timeout uint32
 	log     *slog.Logger
 
@@ -76,20 +80,16 @@ type Offload struct {
 	gen atomic.Uint64
 
 	closeOnce sync.Once
-	// refl is the follow-up flush Flush schedules; closed stops it from touching the sets once
-	// Close has destroyed them. Both under mu.
-	refl   *time.Timer
-	closed bool
-	grace  time.Duration
+	closed    bool // under mu: the sets are gone
 
 	recorded, dropped, skipped, stale, added, errs, flushes atomic.Uint64
 }
 
-// NewOffload creates (or reuses and empties) the four sets PREFIX-allow4, PREFIX-deny4,
+// New creates (or reuses and empties) the four sets PREFIX-allow4, PREFIX-deny4,
 // PREFIX-allow6 and PREFIX-deny6 in the network namespace of the calling thread, with entries
 // expiring after timeout (rounded to whole seconds, at least 1 s), and starts the writer.
 // prefix must be short: ipset names are limited to 31 bytes.
-func NewOffload(prefix string, timeout time.Duration, log *slog.Logger) (*Offload, error) {
+func New(prefix string, timeout time.Duration, log *slog.Logger) (*Offload, error) {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -108,7 +108,7 @@ func NewOffload(prefix string, timeout time.Duration, log *slog.Logger) (*Offloa
 	}
 	o := &Offload{
 		h: h,
-		sets: OffloadSets{
+		sets: Sets{
 			Allow4: prefix + "-allow4", Deny4: prefix + "-deny4",
 			Allow6: prefix + "-allow6", Deny6: prefix + "-deny6",
 		},
@@ -116,7 +116,6 @@ func NewOffload(prefix string, timeout time.Duration, log *slog.Logger) (*Offloa
 		log:     log,
 		q:       make(chan offloadItem, offloadQueueLen),
 		done:    make(chan struct{}),
-		grace:   flushGrace,
 	}
 	for _, s := range []struct {
 		name   string
@@ -147,22 +146,17 @@ func NewOffload(prefix string, timeout time.Duration, log *slog.Logger) (*Offloa
 }
 
 // Sets names the kernel sets for the rules to match.
-func (o *Offload) Sets() *OffloadSets {
+func (o *Offload) Sets() *Sets {
 	s := o.sets
 	return &s
 }
 
-// Record queues a decided flow for the kernel under the current generation. It never blocks and
-// never allocates: when the queue is full the flow is counted as dropped and stays in user
+// RecordGen queues a flow decided under snapshot generation gen for the kernel. It never blocks
+// and never allocates: when the queue is full the flow is counted as dropped and stays in user
 // space. Call it for every verdict given to a queued packet (cache hit or miss): a packet that
-// reached the queue proves the kernel does not hold its flow (yet, or any more).
-func (o *Offload) Record(f policy.Flow, allowed bool) {
-	o.RecordGen(o.gen.Load(), f, allowed)
-}
-
-// RecordGen is Record for a verdict taken under snapshot generation gen. Pair it with FlushGen:
-// a verdict from a generation older than the last flush is discarded, which closes the window
-// where a packet decided under the old snapshot is recorded just after the flush.
+// reached the queue proves the kernel does not hold its flow (yet, or any more). A verdict from a
+// generation older than the last FlushGen is discarded, which closes the window where a packet
+// decided under the old snapshot is recorded just after the flush.
 func (o *Offload) RecordGen(gen uint64, f policy.Flow, allowed bool) {
 	switch f.Proto {
 	case policy.TCP, policy.UDP, policy.SCTP:
@@ -181,47 +175,6 @@ func (o *Offload) RecordGen(gen uint64, f policy.Flow, allowed bool) {
 	default:
 		o.dropped.Add(1)
 	}
-}
-
-// flushGrace is how long after Flush a second flush follows. Record carries no generation,
-// so a packet judged by the old snapshot whose Record call lands just after Flush (its worker
-// was between Decide and Record during the swap) could write a stale entry; the second flush
-// bounds that entry's life to flushGrace. The price is that flows recorded within the grace
-// period make one more trip through the queue.
-const flushGrace = 250 * time.Millisecond
-
-// Flush empties every set. Call it after each snapshot swap so no verdict of the old policies
-// survives; entries recorded before the call and still queued are discarded too, and a second
-// flush follows after flushGrace (see there). A failure is logged (the packet path has nobody
-// to return it to); FlushGen returns it. Callers that know the snapshot generation use
-// RecordGen/FlushGen instead, which close the window exactly.
-func (o *Offload) Flush() {
-	if err := o.FlushGen(o.gen.Load() + 1); err != nil {
-		o.log.Error("offload: flushing the kernel sets failed; stale verdicts may survive until their timeout", "err", err)
-	}
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.closed {
-		return
-	}
-	if o.refl == nil {
-		o.refl = time.AfterFunc(o.grace, func() {
-			if err := o.flushIfOpen(); err != nil {
-				o.log.Error("offload: second flush of the kernel sets failed", "err", err)
-			}
-		})
-	} else {
-		o.refl.Reset(o.grace)
-	}
-}
-
-func (o *Offload) flushIfOpen() error {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.closed {
-		return nil
-	}
-	return o.flushLocked()
 }
 
 // FlushGen empties every set and discards queued verdicts of generations older than gen (the
@@ -249,9 +202,8 @@ func (o *Offload) flushLocked() error {
 	return errors.Join(errs...)
 }
 
-// Stats returns the counters.
-func (o *Offload) Stats() OffloadStats {
-	return OffloadStats{
+func (o *Offload) stats() stats {
+	return stats{
 		Recorded: o.recorded.Load(), Dropped: o.dropped.Load(), Skipped: o.skipped.Load(),
 		Stale: o.stale.Load(), Added: o.added.Load(), Errors: o.errs.Load(), Flushes: o.flushes.Load(),
 	}
@@ -266,9 +218,6 @@ func (o *Offload) Close() error {
 		o.wg.Wait()
 		o.mu.Lock()
 		o.closed = true
-		if o.refl != nil {
-			o.refl.Stop()
-		}
 		o.mu.Unlock()
 		err = o.destroySets()
 		o.h.Close()
@@ -356,5 +305,34 @@ func (o *Offload) writer() {
 			o.added.Add(1)
 		}
 		o.mu.Unlock()
+	}
+}
+
+var (
+	descRecorded = prometheus.NewDesc("sluice_offload_recorded_total", "Verdicts queued for the kernel offload sets.", nil, nil)
+	descDropped  = prometheus.NewDesc("sluice_offload_queue_dropped_total", "Verdicts not offloaded because the writer's queue was full (their flows stay in user space).", nil, nil)
+	descSkipped  = prometheus.NewDesc("sluice_offload_skipped_total", "Verdicts the sets cannot key on (not TCP, UDP or SCTP).", nil, nil)
+	descStale    = prometheus.NewDesc("sluice_offload_stale_total", "Queued verdicts discarded because a newer snapshot was put in force first.", nil, nil)
+	descAdded    = prometheus.NewDesc("sluice_offload_added_total", "Entries written to the kernel offload sets.", nil, nil)
+	descErrors   = prometheus.NewDesc("sluice_offload_write_errors_total", "Kernel writes to the offload sets that failed.", nil, nil)
+	descFlushes  = prometheus.NewDesc("sluice_offload_flushes_total", "Flushes of the offload sets (one per snapshot).", nil, nil)
+)
+
+// Describe implements prometheus.Collector.
+func (o *Offload) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descRecorded, descDropped, descSkipped, descStale, descAdded, descErrors, descFlushes} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (o *Offload) Collect(ch chan<- prometheus.Metric) {
+	st := o.stats()
+	for _, m := range []struct {
+		d *prometheus.Desc
+		v uint64
+	}{{descRecorded, st.Recorded}, {descDropped, st.Dropped}, {descSkipped, st.Skipped}, {descStale, st.Stale},
+		{descAdded, st.Added}, {descErrors, st.Errors}, {descFlushes, st.Flushes}} {
+		ch <- prometheus.MustNewConstMetric(m.d, prometheus.CounterValue, float64(m.v))
 	}
 }

@@ -1,0 +1,276 @@
+// Package queue is sluice's NFQUEUE I/O: it binds the queues the kernel rules send packets to,
+// reads each packet (headers only) on one worker per queue, has it judged by the packet path
+// (filter.Path) and gives the verdict back. A watchdog fails health when a worker stops making
+// progress with packets waiting, and exits the agent when it stays stuck, because a stuck reader
+// black-holes its queue even with --queue-bypass. The kernel's per-queue counters are exported
+// as metrics.
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	nfqueue "github.com/florianl/go-nfqueue/v2"
+	"github.com/mdlayher/netlink"
+
+	"github.com/sluice-dev/sluice/filter"
+)
+
+// Defaults of the queue readers.
+const (
+	// DefaultCopyRange is how much of each packet the kernel copies to us: the headers the
+	// packet path reads, never the payload beyond them.
+	DefaultCopyRange   = filter.HeaderBytes
+	DefaultMaxQueueLen = 4096
+	// socketBuffer is the receive buffer of each queue socket: a burst of queued packets waits
+	// there instead of overrunning (ENOBUFS).
+	socketBuffer = 4 << 20
+)
+
+// Spec is the one description of the queues, shared by the readers and the kernel rules that
+// feed them.
+type Spec struct {
+	First uint16 // first queue number
+	Count int    // queues First..First+Count-1, spread by flow hash (--queue-balance) when > 1
+	// FailOpen: with no reader bound (--queue-bypass) or the queue full (the FAIL_OPEN flag),
+	// the kernel accepts instead of dropping.
+	FailOpen bool
+}
+
+// Validate reports a spec that names no queue or runs past queue 65535.
+func (s Spec) Validate() error {
+	if s.Count < 1 || int(s.First)+s.Count-1 > 65535 {
+		return fmt.Errorf("queues: %d queue(s) from number %d: need at least one, numbered up to 65535 (lower --queue-num or --queues)", s.Count, s.First)
+	}
+	return nil
+}
+
+// Last is the highest queue number.
+func (s Spec) Last() uint16 { return s.First + uint16(s.Count-1) }
+
+// Handler judges one queued packet (headers only, from the IP header on) taken off the queue at
+// start, and says whether it may pass. filter.Path is one.
+type Handler interface {
+	Handle(data []byte, start time.Time) bool
+}
+
+// Config configures the readers.
+type Config struct {
+	Spec        Spec
+	CopyRange   uint32 // DefaultCopyRange when 0
+	MaxQueueLen uint32 // DefaultMaxQueueLen when 0
+	// Handler returns the handler of one queue's worker; it is called once per queue.
+	Handler func(queue uint16) Handler
+	Log     *slog.Logger
+	Metrics *Metrics // a private registry when nil
+	// Stall is how long a worker may hold packets without progress before Health fails
+	// (default 2 s); Exit, before OnStuck runs (default 10 s).
+	Stall, Exit time.Duration
+	// OnStuck is called when a worker has been stuck for Exit (default: exit the process with
+	// status 3, so that its supervisor restarts it).
+	OnStuck func()
+}
+
+// Queues are the bound queues and their workers.
+type Queues struct {
+	cfg     Config
+	log     *slog.Logger
+	m       *Metrics
+	workers []*worker
+	bound   atomic.Int32
+	// unhealthy is nil while every worker makes progress, else why not.
+	unhealthy atomic.Pointer[string]
+}
+
+// New prepares the readers; Run binds the queues.
+func New(cfg Config) (*Queues, error) {
+	if err := cfg.Spec.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Handler == nil {
+		return nil, errors.New("queues: no packet handler")
+	}
+	if cfg.CopyRange == 0 {
+		cfg.CopyRange = DefaultCopyRange
+	}
+	if cfg.MaxQueueLen == 0 {
+		cfg.MaxQueueLen = DefaultMaxQueueLen
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
+	if cfg.Stall <= 0 {
+		cfg.Stall = 2 * time.Second
+	}
+	if cfg.Exit <= 0 {
+		cfg.Exit = 10 * time.Second
+	}
+	q := &Queues{cfg: cfg, log: cfg.Log, m: cfg.Metrics}
+	for i := 0; i < cfg.Spec.Count; i++ {
+		n := cfg.Spec.First + uint16(i)
+		q.workers = append(q.workers, &worker{q: q, queue: n, h: cfg.Handler(n)})
+	}
+	return q, nil
+}
+
+// Bound reports nil once every queue is bound.
+func (q *Queues) Bound() error {
+	if n := int(q.bound.Load()); n < len(q.workers) {
+		return fmt.Errorf("%d of %d queues bound", n, len(q.workers))
+	}
+	return nil
+}
+
+// Health reports nil unless a worker is stuck.
+func (q *Queues) Health() error {
+	if why := q.unhealthy.Load(); why != nil {
+		return errors.New(*why)
+	}
+	return nil
+}
+
+// Run binds the queues and serves them until ctx ends. It returns once every queue is bound
+// (or one failed to bind); the readers run on until ctx ends, and done is closed after they
+// have stopped.
+func (q *Queues) Run(ctx context.Context) (done <-chan struct{}, err error) {
+	closeAll := func() {
+		for _, w := range q.workers {
+			if w.nf != nil {
+				_ = w.nf.Close()
+			}
+		}
+	}
+	for _, w := range q.workers {
+		if err := w.open(ctx); err != nil {
+			closeAll()
+			return nil, err
+		}
+		q.bound.Add(1)
+	}
+	ch := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); q.watchdog(ctx) }()
+	go func() {
+		<-ctx.Done()
+		closeAll()
+		wg.Wait()
+		close(ch)
+	}()
+	q.log.Info("queues bound", "first", q.cfg.Spec.First, "count", len(q.workers),
+		"fail_open", q.cfg.Spec.FailOpen, "copy_range", q.cfg.CopyRange)
+	return ch, nil
+}
+
+// worker serves one queue. Everything in it is touched only by the queue's reader goroutine,
+// apart from the atomics the watchdog reads.
+type worker struct {
+	q     *Queues
+	queue uint16
+	h     Handler
+	nf    *nfqueue.Nfqueue
+
+	// busySince is when the worker took the packet it is handling (0 between packets);
+	// progress is when it last sent a verdict. The watchdog reads both.
+	busySince atomic.Int64
+	progress  atomic.Int64
+	// watchdog-only state
+	waitSince, seenProgress, stallSince int64
+}
+
+func (w *worker) open(ctx context.Context) error {
+	cfg := w.q.cfg
+	flags := uint32(nfqueue.NfQaCfgFlagGSO)
+	if cfg.Spec.FailOpen {
+		flags |= nfqueue.NfQaCfgFlagFailOpen
+	}
+	nf, err := nfqueue.Open(&nfqueue.Config{
+		NfQueue:      w.queue,
+		MaxPacketLen: cfg.CopyRange,
+		MaxQueueLen:  cfg.MaxQueueLen,
+		Copymode:     nfqueue.NfQnlCopyPacket,
+		Flags:        flags,
+		AfFamily:     syscall.AF_INET,
+	})
+	if err != nil {
+		return fmt.Errorf("open NFQUEUE %d: %w (needs root or CAP_NET_ADMIN)", w.queue, err)
+	}
+	w.nf = nf
+	// Overruns are counted by the error callback and the kernel's user_dropped counter; without
+	// this option a single overrun would end the read loop.
+	if err := nf.SetOption(netlink.NoENOBUFS, true); err != nil {
+		w.q.log.Warn("cannot set NETLINK_NO_ENOBUFS; overruns will be reported as errors", "queue", w.queue, "err", err)
+	}
+	if err := nf.Con.SetReadBuffer(socketBuffer); err != nil {
+		w.q.log.Warn("cannot enlarge the queue socket buffer", "queue", w.queue, "err", err)
+	}
+	w.progress.Store(time.Now().UnixNano())
+	if err := nf.RegisterWithErrorFunc(ctx, w.hook, w.onError(ctx)); err != nil {
+		_ = nf.Close()
+		w.nf = nil
+		return fmt.Errorf("bind NFQUEUE %d: %w (is another agent bound to it? stop it or choose --queue-num)", w.queue, err)
+	}
+	return nil
+}
+
+func (w *worker) onError(ctx context.Context) nfqueue.ErrorFunc {
+	var lastLog time.Time
+	return func(err error) int {
+		if ctx.Err() != nil {
+			return 1
+		}
+		if errors.Is(err, syscall.ENOBUFS) {
+			w.q.m.enobufs.Inc()
+			return 0
+		}
+		var oe *netlink.OpError
+		if errors.As(err, &oe) && oe.Timeout() {
+			return 0
+		}
+		if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) {
+			return 1
+		}
+		w.q.m.recvErrors.Inc()
+		if time.Since(lastLog) > 10*time.Second {
+			lastLog = time.Now()
+			w.q.log.Error("reading the queue failed; continuing", "queue", w.queue, "err", err)
+		}
+		// Do not spin on a persistent error; the watchdog reports a worker that stops serving.
+		time.Sleep(10 * time.Millisecond)
+		return 0
+	}
+}
+
+func (w *worker) hook(a nfqueue.Attribute) int {
+	if a.PacketID == nil {
+		return 0
+	}
+	start := time.Now()
+	now := start.UnixNano()
+	w.busySince.Store(now)
+	var data []byte
+	if a.Payload != nil {
+		data = *a.Payload
+	}
+	v := nfqueue.NfDrop
+	if w.h.Handle(data, start) {
+		v = nfqueue.NfAccept
+	}
+	if err := w.nf.SetVerdict(*a.PacketID, v); err != nil {
+		w.q.m.verdictErrors.Inc()
+	}
+	w.busySince.Store(0)
+	w.progress.Store(now)
+	return 0
+}
