@@ -210,7 +210,11 @@ func run(sluice, policiesPath string, timeout time.Duration, queueNum int, verbo
 
 	app := application()
 	for _, e := range app {
-		h, err := lab.AddHost(e.name, e.v4, e.v6)
+		addHost := lab.AddOutside
+		if e.isPod() {
+			addHost = lab.AddHost
+		}
+		h, err := addHost(e.name, e.v4, e.v6)
 		if err != nil {
 			return 1, err
 		}

@@ -215,10 +215,25 @@ func (l *Lab) AddNodeAddr(addrs ...netip.Addr) error {
 
 var hostNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9.-]{0,40}$`)
 
-// AddHost adds a pod or outside host: its own namespace, a veth to the node (eth0 inside it),
-// every address in ips as /32 or /128, default routes via the node's gateway addresses, and the
-// node's host routes back. name must be unique in the lab (lower-case letters, digits, '-', '.').
+// AddHost adds a pod: its own namespace, a veth to the node (eth0 inside it), every address in
+// ips as /32 or /128, default routes via the node's gateway addresses, and the node's host
+// routes back. name must be unique in the lab (lower-case letters, digits, '-', '.'). The node
+// side of a pod's veth is named after PodInterfaces, as a CNI names its pod interfaces.
 func (l *Lab) AddHost(name string, ips ...netip.Addr) (*Host, error) {
+	return l.addHost(name, "h", ips)
+}
+
+// AddOutside adds a host that is not a pod (an ipBlock peer, "the internet"), wired like a pod
+// but on a veth whose name does not match PodInterfaces, as a node's uplink would not.
+func (l *Lab) AddOutside(name string, ips ...netip.Addr) (*Host, error) {
+	return l.addHost(name, "o", ips)
+}
+
+// PodInterfaces is the iptables interface pattern that matches the node side of every pod's
+// veth in this lab and nothing else (for sluice agent --pod-interfaces).
+func (l *Lab) PodInterfaces() string { return l.ID + "h+" }
+
+func (l *Lab) addHost(name, kind string, ips []netip.Addr) (*Host, error) {
 	if !hostNameRE.MatchString(name) || name == "node" {
 		return nil, fmt.Errorf("netlab: host name %q: use lower-case letters, digits, '-' and '.', and not \"node\"", name)
 	}
@@ -257,7 +272,7 @@ func (l *Lab) AddHost(name string, ips ...netip.Addr) (*Host, error) {
 		lab:   l,
 		Name:  name,
 		Netns: l.ID + "-" + name,
-		Veth:  l.ID + "h" + strconv.Itoa(l.nextIdx),
+		Veth:  l.ID + kind + strconv.Itoa(l.nextIdx),
 		Addrs: append([]netip.Addr(nil), ips...),
 	}
 	// Reserve the name and addresses now so concurrent AddHost calls can't collide; undone on error.

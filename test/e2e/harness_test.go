@@ -158,12 +158,16 @@ func newWorld(t *testing.T) *world {
 	t.Helper()
 	w := &world{t: t, lab: netlab.NewT(t), hosts: map[string]*netlab.Host{}, dir: t.TempDir()}
 	w.state = filepath.Join(w.dir, "state.yaml")
-	add := func(name string, ips []string) {
+	add := func(name string, ips []string, isPod bool) {
 		var addrs []netip.Addr
 		for _, s := range ips {
 			addrs = append(addrs, netip.MustParseAddr(s))
 		}
-		h, err := w.lab.AddHost(name, addrs...)
+		addHost := w.lab.AddOutside
+		if isPod {
+			addHost = w.lab.AddHost
+		}
+		h, err := addHost(name, addrs...)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -185,10 +189,10 @@ func newWorld(t *testing.T) *world {
 		}
 	}
 	for _, p := range pods {
-		add(p.name, p.ips)
+		add(p.name, p.ips, true)
 	}
 	for _, o := range outsiders {
-		add(o.name, []string{o.ip})
+		add(o.name, []string{o.ip}, false)
 	}
 	return w
 }
