@@ -24,12 +24,17 @@ const (
 	// KindQuery: ICMP echo request and other informational ICMP, and IP protocols without ports;
 	// judged by policy as a flow with port 0 (a NetworkPolicy rule without ports admits them).
 	KindQuery
-	// KindQueryReply: ICMP echo reply; accepted when the request direction is allowed.
+	// KindQueryReply: ICMP echo reply and the other query replies; accepted only as the reply of
+	// a request sluice accepted (the return table, keyed on the query identifier).
 	KindQueryReply
-	// KindControl: ICMP errors, ICMPv6 neighbour discovery, router solicitation/advertisement,
-	// redirect and MLD. Never blocked: the network stops working without them and they open
-	// nothing.
-	KindControl
+	// KindError: an ICMP or ICMPv6 error. Errors about a connection conntrack holds are RELATED
+	// and never reach the queue, so one that does is about nothing sluice accepted: dropped (an
+	// error carries data a pod could use as a covert channel).
+	KindError
+	// KindND: ICMPv6 neighbour discovery, router solicitation/advertisement, redirect and MLD.
+	// Accepted only where it cannot leave the link (a link-scope destination, and for neighbour
+	// discovery hop limit 255, as RFC 4861 requires); otherwise judged like KindQuery.
+	KindND
 	// KindFragment: a non-first fragment; it carries no ports. Accepted: the first fragment,
 	// which carries the ports, was judged, and without it the receiver cannot reassemble the
 	// datagram. With conntrack loaded the kernel reassembles before NFQUEUE anyway, so these
@@ -41,7 +46,7 @@ const (
 	KindMalformed
 )
 
-var kindNames = [...]string{"ports", "query", "query-reply", "control", "fragment", "malformed"}
+var kindNames = [...]string{"ports", "query", "query-reply", "error", "nd", "fragment", "malformed"}
 
 func (k Kind) String() string {
 	if int(k) < len(kindNames) {
@@ -70,9 +75,29 @@ type Packet struct {
 	TCPFlags  uint8
 	SCTPChunk uint8 // type of the first chunk
 	ICMPType  uint8
+	// ID is the identifier of an ICMP query or its reply (echo, timestamp, ...), which pairs
+	// them as ports pair the two directions of a connection.
+	ID uint16
+	// HopLimit is the IPv6 hop limit or the IPv4 TTL; LinkScope says the destination is
+	// link-local unicast or link-scope multicast (it cannot be forwarded).
+	HopLimit  uint8
+	LinkScope bool
 	// FirstFragment is set when the packet is the first fragment of a fragmented datagram; it
 	// is judged like any packet.
 	FirstFragment bool
+}
+
+// NDLocal reports whether a KindND packet stays on the link: a link-scope destination, and for
+// neighbour discovery proper (types 133-137) the hop limit 255 that only an on-link sender can
+// produce.
+func (p *Packet) NDLocal() bool {
+	if p.Kind != KindND || !p.LinkScope {
+		return false
+	}
+	if p.ICMPType >= 133 && p.ICMPType <= 137 {
+		return p.HopLimit == 255
+	}
+	return true // MLD: link-scope multicast, hop limit 1
 }
 
 // Opening reports whether the packet can open a connection at the receiver: a TCP SYN without
@@ -153,6 +178,8 @@ func (d *Decoder) Decode(data []byte, p *Packet) {
 		src, _ := netip.AddrFromSlice(d.ip4.SrcIP)
 		dst, _ := netip.AddrFromSlice(d.ip4.DstIP)
 		p.Flow.Src, p.Flow.Dst = src, dst
+		p.HopLimit = d.ip4.TTL
+		p.LinkScope = dst.IsLinkLocalUnicast() || dst.IsLinkLocalMulticast()
 		l4 = d.ip4.Protocol
 		if d.ip4.FragOffset != 0 {
 			p.Kind = KindFragment
@@ -173,6 +200,8 @@ func (d *Decoder) Decode(data []byte, p *Packet) {
 		}
 		p.Flow.Src = netip.AddrFrom16(d.ip6.src)
 		p.Flow.Dst = netip.AddrFrom16(d.ip6.dst)
+		p.HopLimit = d.ip6.hopLimit
+		p.LinkScope = p.Flow.Dst.IsLinkLocalUnicast() || p.Flow.Dst.IsLinkLocalMulticast()
 		l4 = d.ip6.next
 		for _, t := range d.decoded[1:] {
 			switch t {
@@ -222,9 +251,15 @@ func (d *Decoder) Decode(data []byte, p *Packet) {
 	case layers.LayerTypeICMPv4:
 		p.ICMPType = d.icmp4.TypeCode.Type()
 		p.Kind = icmp4Kind(p.ICMPType)
+		if p.Kind == KindQueryReply || icmp4Query(p.ICMPType) {
+			p.ID = d.icmp4.Id
+		}
 	case layers.LayerTypeICMPv6:
 		p.ICMPType = d.icmp6.TypeCode.Type()
 		p.Kind = icmp6Kind(p.ICMPType)
+		if (p.ICMPType == layers.ICMPv6TypeEchoRequest || p.ICMPType == layers.ICMPv6TypeEchoReply) && len(d.icmp6.Payload) >= 2 {
+			p.ID = binary.BigEndian.Uint16(d.icmp6.Payload)
+		}
 	default:
 		switch l4 {
 		case layers.IPProtocolTCP, layers.IPProtocolUDP, layers.IPProtocolSCTP,
@@ -260,6 +295,8 @@ func (d *Decoder) decodeL4(proto layers.IPProtocol, data []byte) gopacket.LayerT
 	return t
 }
 
+// ICMP types as conntrack pairs them: every query has a reply carrying its identifier, and
+// the errors are what conntrack can mark RELATED.
 func icmp4Kind(t uint8) Kind {
 	switch t {
 	case layers.ICMPv4TypeEchoReply, layers.ICMPv4TypeTimestampReply,
@@ -267,27 +304,35 @@ func icmp4Kind(t uint8) Kind {
 		return KindQueryReply
 	case layers.ICMPv4TypeDestinationUnreachable, layers.ICMPv4TypeSourceQuench,
 		layers.ICMPv4TypeRedirect, layers.ICMPv4TypeTimeExceeded,
-		layers.ICMPv4TypeParameterProblem, layers.ICMPv4TypeRouterAdvertisement,
-		layers.ICMPv4TypeRouterSolicitation:
-		return KindControl
+		layers.ICMPv4TypeParameterProblem:
+		return KindError
 	}
 	return KindQuery
 }
 
-func icmp6Kind(t uint8) Kind {
-	switch {
-	case t == layers.ICMPv6TypeEchoReply:
-		return KindQueryReply
-	case t < 128: // error messages: unreachable, too big, time exceeded, parameter problem
-		return KindControl
-	}
+func icmp4Query(t uint8) bool {
 	switch t {
+	case layers.ICMPv4TypeEchoRequest, layers.ICMPv4TypeTimestampRequest,
+		layers.ICMPv4TypeInfoRequest, layers.ICMPv4TypeAddressMaskRequest:
+		return true
+	}
+	return false
+}
+
+func icmp6Kind(t uint8) Kind {
+	switch t {
+	case layers.ICMPv6TypeEchoReply:
+		return KindQueryReply
+	case layers.ICMPv6TypeDestinationUnreachable, layers.ICMPv6TypePacketTooBig,
+		layers.ICMPv6TypeTimeExceeded, layers.ICMPv6TypeParameterProblem:
+		return KindError
 	case 130, 131, 132, 143, // MLD query/report/done, MLDv2 report
 		layers.ICMPv6TypeRouterSolicitation, layers.ICMPv6TypeRouterAdvertisement,
 		layers.ICMPv6TypeNeighborSolicitation, layers.ICMPv6TypeNeighborAdvertisement,
 		layers.ICMPv6TypeRedirect:
-		return KindControl
+		return KindND
 	}
+	// Echo request, unassigned and experimental types among them: judged.
 	return KindQuery
 }
 
@@ -298,6 +343,7 @@ type ip6Header struct {
 	layers.BaseLayer
 	src, dst [16]byte
 	next     layers.IPProtocol
+	hopLimit uint8
 }
 
 func (h *ip6Header) LayerType() gopacket.LayerType  { return layers.LayerTypeIPv6 }
@@ -311,6 +357,7 @@ func (h *ip6Header) DecodeFromBytes(data []byte, df gopacket.DecodeFeedback) err
 		return errMalformed
 	}
 	h.next = layers.IPProtocol(data[6])
+	h.hopLimit = data[7]
 	copy(h.src[:], data[8:24])
 	copy(h.dst[:], data[24:40])
 	end := len(data)

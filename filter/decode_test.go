@@ -88,18 +88,21 @@ func decodeCases(t testing.TB) []decodeCase {
 		{"ipv4 udp dns", ser(t, v4udp, udp, gopacket.Payload("q")), Packet{Flow: f4(policy.UDP, 53), SrcPort: 5353, Kind: KindPorts}},
 		{"ipv4 sctp init", ser(t, ip4(layers.IPProtocolSCTP), sctpPayload(3000, 3868, 1)), Packet{Flow: f4(policy.SCTP, 3868), SrcPort: 3000, Kind: KindPorts, SCTPChunk: 1}},
 		{"ipv4 sctp data", ser(t, ip4(layers.IPProtocolSCTP), sctpPayload(3000, 3868, 0)), Packet{Flow: f4(policy.SCTP, 3868), SrcPort: 3000, Kind: KindPorts, SCTPChunk: 0}},
-		{"ipv4 icmp echo", ser(t, ip4(layers.IPProtocolICMPv4), &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(8, 0), Id: 7}), Packet{Flow: f4(1, 0), Kind: KindQuery, ICMPType: 8}},
+		{"ipv4 icmp echo", ser(t, ip4(layers.IPProtocolICMPv4), &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(8, 0), Id: 7}), Packet{Flow: f4(1, 0), Kind: KindQuery, ICMPType: 8, ID: 7}},
+		{"ipv4 icmp timestamp reply", ser(t, ip4(layers.IPProtocolICMPv4), &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(14, 0), Id: 9}), Packet{Flow: f4(1, 0), Kind: KindQueryReply, ICMPType: 14, ID: 9}},
+		{"ipv4 icmp router advertisement", ser(t, ip4(layers.IPProtocolICMPv4), &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(9, 0)}), Packet{Flow: f4(1, 0), Kind: KindQuery, ICMPType: 9}},
 		{"ipv4 icmp echo reply", ser(t, ip4(layers.IPProtocolICMPv4), &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(0, 0)}), Packet{Flow: f4(1, 0), Kind: KindQueryReply}},
-		{"ipv4 icmp unreachable", ser(t, ip4(layers.IPProtocolICMPv4), &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(3, 3)}, gopacket.Payload(syn[:28])), Packet{Flow: f4(1, 0), Kind: KindControl, ICMPType: 3}},
+		{"ipv4 icmp unreachable", ser(t, ip4(layers.IPProtocolICMPv4), &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(3, 3)}, gopacket.Payload(syn[:28])), Packet{Flow: f4(1, 0), Kind: KindError, ICMPType: 3}},
 		{"ipv4 gre", ser(t, ip4(layers.IPProtocolGRE), gopacket.Payload{0, 0, 8, 0}), Packet{Flow: f4(47, 0), Kind: KindQuery}},
 		{"ipv6 tcp syn", ser(t, v6tcp, tcpSeg(40000, 8080, true, false, v6tcp)), Packet{Flow: f6(policy.TCP, 8080), SrcPort: 40000, Kind: KindPorts, TCPFlags: tcpSYN}},
 		{"ipv6 udp", ser(t, v6udp, udp6, gopacket.Payload("x")), Packet{Flow: f6(policy.UDP, 9000), SrcPort: 40000, Kind: KindPorts}},
 		{"ipv6 sctp", ser(t, ip6(layers.IPProtocolSCTP), sctpPayload(1, 2, 1)), Packet{Flow: f6(policy.SCTP, 2), SrcPort: 1, Kind: KindPorts, SCTPChunk: 1}},
-		{"ipv6 echo", icmp6(t, 128, gopacket.Payload{0, 1, 0, 1}), Packet{Flow: f6(58, 0), Kind: KindQuery, ICMPType: 128}},
-		{"ipv6 echo reply", icmp6(t, 129, gopacket.Payload{0, 1, 0, 1}), Packet{Flow: f6(58, 0), Kind: KindQueryReply, ICMPType: 129}},
-		{"ipv6 neighbor solicitation", icmp6(t, 135, gopacket.Payload(make([]byte, 20))), Packet{Flow: f6(58, 0), Kind: KindControl, ICMPType: 135}},
-		{"ipv6 router advertisement", icmp6(t, 134, gopacket.Payload(make([]byte, 12))), Packet{Flow: f6(58, 0), Kind: KindControl, ICMPType: 134}},
-		{"ipv6 packet too big", icmp6(t, 2, gopacket.Payload(make([]byte, 48))), Packet{Flow: f6(58, 0), Kind: KindControl, ICMPType: 2}},
+		{"ipv6 echo", icmp6(t, 128, gopacket.Payload{0, 1, 0, 1}), Packet{Flow: f6(58, 0), Kind: KindQuery, ICMPType: 128, ID: 1}},
+		{"ipv6 echo reply", icmp6(t, 129, gopacket.Payload{0, 1, 0, 1}), Packet{Flow: f6(58, 0), Kind: KindQueryReply, ICMPType: 129, ID: 1}},
+		{"ipv6 unassigned type 100", icmp6(t, 100, gopacket.Payload{1, 2, 3, 4}), Packet{Flow: f6(58, 0), Kind: KindQuery, ICMPType: 100}},
+		{"ipv6 neighbor solicitation", icmp6(t, 135, gopacket.Payload(make([]byte, 20))), Packet{Flow: f6(58, 0), Kind: KindND, ICMPType: 135}},
+		{"ipv6 router advertisement", icmp6(t, 134, gopacket.Payload(make([]byte, 12))), Packet{Flow: f6(58, 0), Kind: KindND, ICMPType: 134}},
+		{"ipv6 packet too big", icmp6(t, 2, gopacket.Payload(make([]byte, 48))), Packet{Flow: f6(58, 0), Kind: KindError, ICMPType: 2}},
 	}
 	// IPv6 with hop-by-hop (router alert, as MLD carries), destination options, then TCP.
 	hbh := []byte{byte(layers.IPProtocolIPv6Destination), 0, 5, 2, 0, 0, 1, 0}
@@ -114,7 +117,14 @@ func decodeCases(t testing.TB) []decodeCase {
 	mld := []byte{143, 0, 0, 0, 0, 0, 0, 0}
 	hbh2 := []byte{byte(layers.IPProtocolICMPv6), 0, 5, 2, 0, 0, 1, 0}
 	cases = append(cases, decodeCase{"ipv6 mld report", raw6(layers.IPProtocolIPv6HopByHop, hbh2, mld),
-		Packet{Flow: f6(58, 0), Kind: KindControl, ICMPType: 143}})
+		Packet{Flow: f6(58, 0), Kind: KindND, ICMPType: 143}})
+	// Neighbour solicitation to a solicited-node multicast address with hop limit 255: stays
+	// on the link.
+	ns := raw6(layers.IPProtocolICMPv6, []byte{135, 0, 0, 0, 0, 0, 0, 0})
+	ns[7] = 255
+	copy(ns[24:], netip.MustParseAddr("ff02::1:ff00:1").AsSlice())
+	cases = append(cases, decodeCase{"ipv6 neighbour solicitation on the link", ns,
+		Packet{Flow: policy.Flow{Src: a6, Dst: netip.MustParseAddr("ff02::1:ff00:1"), Proto: 58}, Kind: KindND, ICMPType: 135, HopLimit: 255, LinkScope: true}})
 	// IPv6 routing header, then UDP.
 	rt := []byte{byte(layers.IPProtocolUDP), 0, 0, 0, 0, 0, 0, 0}
 	udpb := []byte{0x9c, 0x40, 0x23, 0x28, 0, 8, 0, 0}
@@ -189,6 +199,9 @@ func TestDecode(t *testing.T) {
 			if c.want.Kind == KindQueryReply && c.want.ICMPType == 0 {
 				want.ICMPType = p.ICMPType
 			}
+			if want.HopLimit == 0 {
+				want.HopLimit = 64 // every test packet is built with TTL / hop limit 64
+			}
 			if p != want {
 				t.Fatalf("got  %+v\nwant %+v", p, want)
 			}
@@ -257,7 +270,7 @@ func FuzzDecode(f *testing.F) {
 		var p Packet
 		d.Decode(data, &p)
 		switch p.Kind {
-		case KindPorts, KindQuery, KindQueryReply, KindControl, KindFragment:
+		case KindPorts, KindQuery, KindQueryReply, KindError, KindND, KindFragment:
 			if !p.Flow.Src.IsValid() || !p.Flow.Dst.IsValid() {
 				t.Fatalf("kind %v without addresses: %+v", p.Kind, p)
 			}

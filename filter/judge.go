@@ -4,37 +4,57 @@ import (
 	"github.com/sluice-dev/sluice/policy"
 )
 
+// rules the judge follows beyond the snapshot.
+type judgeRules struct {
+	// cut: connections recorded under an older snapshot are judged again (--cut-established).
+	cut bool
+	// failOpen: what to do before any snapshot exists.
+	failOpen bool
+}
+
 // judge is the verdict logic of both modes; pure apart from the worker's flow cache and return
-// table. track is nil when no return table is kept for this packet's protocol. cut says whether
-// connections recorded under an older snapshot must be judged again (--cut-established).
-func judge(s *policy.Snapshot, p *Packet, c *FlowCache, track *returnTable, cut bool, now int64) outcome {
+// table.
+//
+// A packet that cannot open a connection (TCP without a bare SYN, SCTP other than INIT, a
+// query reply) is accepted only when it belongs, by its exact 5-tuple, to a connection judge
+// accepted as an opening; it never creates state. A TCP SYN or SCTP INIT is always judged by
+// policy, whatever the table holds. Datagrams are judged by policy unless they belong to a
+// connection already accepted (a reply to a query, the next datagram of a flow).
+func judge(s *policy.Snapshot, p *Packet, c *FlowCache, track *returnTable, r judgeRules, now int64) outcome {
 	switch p.Kind {
 	case KindMalformed:
 		return outcome{Reason: ReasonMalformed}
 	case KindFragment:
 		return outcome{Accept: true, Reason: ReasonFragment}
-	case KindControl:
-		return outcome{Accept: true, Reason: ReasonControl}
+	case KindError:
+		return outcome{Reason: ReasonUnrelated}
+	case KindND:
+		if p.NDLocal() {
+			return outcome{Accept: true, Reason: ReasonControl}
+		}
+		// Anything else of the kind is judged like a query.
 	}
 	if s == nil {
-		return outcome{Accept: true, Reason: ReasonNoSnapshot}
+		return outcome{Accept: r.failOpen, Reason: ReasonNoSnapshot}
 	}
 	gen := s.Generation()
-	var k tuple
-	if track != nil {
-		k = packetTuple(p)
-		if e, ok := track.Lookup(k, now); ok {
-			if e.gen == gen || !cut {
+	opens := p.Opening()
+	if !(opens && (p.Flow.Proto == policy.TCP || p.Flow.Proto == policy.SCTP) && p.Kind == KindPorts) {
+		if e, _ := track.lookup(p, now); e != nil {
+			if e.gen == gen || !r.cut {
 				return outcome{Accept: true, Reason: ReasonTracked}
 			}
 			// A new snapshot and cutting is on: the connection lives only if the flow that
 			// opened it is still allowed.
-			if v, _ := c.Decide(s, e.orig); v.Allowed {
-				track.Restamp(k, e, gen)
+			if v, _ := c.Decide(s, e.opening()); v.Allowed {
+				e.gen = gen
 				return outcome{Accept: true, Reason: ReasonTracked}
 			}
-			track.Forget(k)
+			track.remove(e)
 		}
+	}
+	if !opens {
+		return outcome{Reason: ReasonNoConnection}
 	}
 	v, hit := c.Decide(s, p.Flow)
 	use := cacheMiss
@@ -42,19 +62,8 @@ func judge(s *policy.Snapshot, p *Packet, c *FlowCache, track *returnTable, cut 
 		use = cacheHit
 	}
 	if v.Allowed {
-		if track != nil {
-			track.Record(k, p.Flow, gen, now)
-		}
+		track.record(p, gen, now)
 		return outcome{Accept: true, Reason: policyReason(v.Reason), Judged: true, Cache: use}
-	}
-	if !p.Opening() {
-		rf := p.Reverse()
-		if rv, _ := c.Decide(s, rf); rv.Allowed {
-			if track != nil {
-				track.Record(k, rf, gen, now)
-			}
-			return outcome{Accept: true, Reason: ReasonReply, Cache: use}
-		}
 	}
 	return outcome{Reason: policyReason(v.Reason), Judged: true, Cache: use}
 }

@@ -86,43 +86,100 @@ func TestJudge(t *testing.T) {
 	type step struct {
 		name  string
 		p     *Packet
-		track bool
 		want  bool
 		cause Reason
 	}
+	echo := func(src, dst netip.Addr, kind Kind, id uint16) *Packet {
+		return &Packet{Flow: policy.Flow{Src: src, Dst: dst, Proto: 1}, Kind: kind, ID: id}
+	}
 	steps := []step{
-		{"frontend->backend:8080 SYN allowed by rule", pkt(fe, be, policy.TCP, 40000, 8080, tcpSYN), false, true, ReasonRule},
-		{"backend->frontend:40000 SYN denied (frontend isolated)", pkt(be, fe, policy.TCP, 8080, 40000, tcpSYN), false, false, ReasonIngressDenied},
-		{"backend:8080->frontend ACK after conntrack flush: reply of an allowed flow", pkt(be, fe, policy.TCP, 8080, 40000, tcpACK), false, true, ReasonReply},
-		{"backend:8080->frontend SYN-ACK: reply", pkt(be, fe, policy.TCP, 8080, 40000, tcpSYN|tcpACK), false, true, ReasonReply},
-		{"backend:9999->frontend ACK: not a reply of anything allowed", pkt(be, fe, policy.TCP, 9999, 40000, tcpACK), false, false, ReasonIngressDenied},
-		{"frontend->backend:9090 denied", pkt(fe, be, policy.TCP, 40000, 9090, tcpSYN), false, false, ReasonIngressDenied},
-		{"dns:53->frontend UDP before any query: denied", pkt(dns, fe, policy.UDP, 53, 5353, 0), true, false, ReasonIngressDenied},
-		{"frontend->dns:53 UDP query allowed", pkt(fe, dns, policy.UDP, 5353, 53, 0), true, true, ReasonRule},
-		{"dns:53->frontend:5353 UDP answer: tracked", pkt(dns, fe, policy.UDP, 53, 5353, 0), true, true, ReasonTracked},
-		{"dns:53->frontend:5354 UDP to another port: denied", pkt(dns, fe, policy.UDP, 53, 5354, 0), true, false, ReasonIngressDenied},
-		{"frontend->backend SCTP INIT allowed", &Packet{Flow: policy.Flow{Src: fe, Dst: be, Proto: policy.SCTP, Port: 3868}, SrcPort: 7, Kind: KindPorts, SCTPChunk: sctpInit}, false, true, ReasonRule},
-		{"backend->frontend SCTP DATA: reply", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.SCTP, Port: 7}, SrcPort: 3868, Kind: KindPorts}, false, true, ReasonReply},
-		{"backend->frontend SCTP INIT: denied", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.SCTP, Port: 7}, SrcPort: 3868, Kind: KindPorts, SCTPChunk: sctpInit}, false, false, ReasonIngressDenied},
-		{"ICMP echo to isolated pod denied", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: 1}, Kind: KindQuery}, false, false, ReasonIngressDenied},
-		{"ICMP unreachable never blocked", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: 1}, Kind: KindControl}, false, true, ReasonControl},
-		{"non-first fragment accepted", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.UDP}, Kind: KindFragment}, false, true, ReasonFragment},
-		{"malformed dropped", &Packet{Kind: KindMalformed}, false, false, ReasonMalformed},
+		// Forged packets that cannot open a connection, before any connection exists: the
+		// reverse flow being allowed is no reason to let them through.
+		{"backend:8080->frontend ACK before any connection: dropped", pkt(be, fe, policy.TCP, 8080, 40000, tcpACK), false, ReasonNoConnection},
+		{"frontend->backend:8080 ACK before any connection: dropped", pkt(fe, be, policy.TCP, 40000, 8080, tcpACK), false, ReasonNoConnection},
+		{"frontend->backend:8080 SYN allowed by rule", pkt(fe, be, policy.TCP, 40000, 8080, tcpSYN), true, ReasonRule},
+		{"backend->frontend:40000 SYN denied (frontend isolated)", pkt(be, fe, policy.TCP, 8080, 40000, tcpSYN), false, ReasonIngressDenied},
+		// After a conntrack flush the connection's own packets arrive as NEW: the table has it.
+		{"backend:8080->frontend SYN-ACK of the accepted SYN: tracked", pkt(be, fe, policy.TCP, 8080, 40000, tcpSYN|tcpACK), true, ReasonTracked},
+		{"backend:8080->frontend ACK of the accepted connection: tracked", pkt(be, fe, policy.TCP, 8080, 40000, tcpACK), true, ReasonTracked},
+		{"frontend->backend:8080 ACK of the accepted connection: tracked", pkt(fe, be, policy.TCP, 40000, 8080, tcpACK), true, ReasonTracked},
+		{"backend:9999->frontend ACK: belongs to no connection", pkt(be, fe, policy.TCP, 9999, 40000, tcpACK), false, ReasonNoConnection},
+		{"frontend:40001->backend:8080 ACK: another source port, no connection", pkt(fe, be, policy.TCP, 40001, 8080, tcpACK), false, ReasonNoConnection},
+		{"frontend->backend:9090 denied", pkt(fe, be, policy.TCP, 40000, 9090, tcpSYN), false, ReasonIngressDenied},
+		{"dns:53->frontend UDP before any query: denied", pkt(dns, fe, policy.UDP, 53, 5353, 0), false, ReasonIngressDenied},
+		{"frontend->dns:53 UDP query allowed", pkt(fe, dns, policy.UDP, 5353, 53, 0), true, ReasonRule},
+		{"dns:53->frontend:5353 UDP answer: tracked", pkt(dns, fe, policy.UDP, 53, 5353, 0), true, ReasonTracked},
+		{"dns:53->frontend:5354 UDP to another port: denied", pkt(dns, fe, policy.UDP, 53, 5354, 0), false, ReasonIngressDenied},
+		{"frontend->backend SCTP INIT allowed", &Packet{Flow: policy.Flow{Src: fe, Dst: be, Proto: policy.SCTP, Port: 3868}, SrcPort: 7, Kind: KindPorts, SCTPChunk: sctpInit}, true, ReasonRule},
+		{"backend->frontend SCTP DATA of it: tracked", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.SCTP, Port: 7}, SrcPort: 3868, Kind: KindPorts}, true, ReasonTracked},
+		// A SYN or INIT always opens, even on a tracked 5-tuple.
+		{"backend->frontend SCTP INIT on the tracked 5-tuple: judged, denied", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.SCTP, Port: 7}, SrcPort: 3868, Kind: KindPorts, SCTPChunk: sctpInit}, false, ReasonIngressDenied},
+		{"backend:8080->frontend:40000 SYN on the tracked 5-tuple: judged, denied", pkt(be, fe, policy.TCP, 8080, 40000, tcpSYN), false, ReasonIngressDenied},
+		{"ICMP echo to isolated pod denied", echo(be, fe, KindQuery, 1), false, ReasonIngressDenied},
+		{"ICMP echo reply without a request: dropped", echo(fe, be, KindQueryReply, 1), false, ReasonNoConnection},
+		{"ICMP unreachable that reached the queue: unrelated, dropped", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: 1}, Kind: KindError}, false, ReasonUnrelated},
+		{"neighbour solicitation on the link: accepted", &Packet{Flow: policy.Flow{Src: be, Dst: netip.MustParseAddr("ff02::1:ff00:1"), Proto: 58}, Kind: KindND, ICMPType: 135, HopLimit: 255, LinkScope: true}, true, ReasonControl},
+		{"neighbour solicitation routed (hop limit 64): judged, denied", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: 58}, Kind: KindND, ICMPType: 135, HopLimit: 64}, false, ReasonIngressDenied},
+		{"non-first fragment accepted", &Packet{Flow: policy.Flow{Src: be, Dst: fe, Proto: policy.UDP}, Kind: KindFragment}, true, ReasonFragment},
+		{"malformed dropped", &Packet{Kind: KindMalformed}, false, ReasonMalformed},
 	}
 	c := NewFlowCache(128)
 	tr := newReturnTable(128)
 	for _, st := range steps {
-		var track *returnTable
-		if st.track {
-			track = tr
-		}
-		j := judge(s, st.p, c, track, false, now)
+		j := judge(s, st.p, c, tr, judgeRules{}, now)
 		if j.Accept != st.want || j.Reason != st.cause {
 			t.Errorf("%s: accept=%v reason=%v, want accept=%v reason=%v", st.name, j.Accept, j.Reason, st.want, st.cause)
 		}
 	}
-	if j := judge(nil, pkt(be, fe, policy.TCP, 1, 2, tcpSYN), c, nil, false, now); !j.Accept || j.Reason != ReasonNoSnapshot {
-		t.Errorf("no snapshot: %+v, want accept", j)
+	if j := judge(nil, pkt(be, fe, policy.TCP, 1, 2, tcpSYN), c, tr, judgeRules{failOpen: true}, now); !j.Accept || j.Reason != ReasonNoSnapshot {
+		t.Errorf("no snapshot, fail-open: %+v, want accept", j)
+	}
+	if j := judge(nil, pkt(be, fe, policy.TCP, 1, 2, tcpSYN), c, tr, judgeRules{}, now); j.Accept || j.Reason != ReasonNoSnapshot {
+		t.Errorf("no snapshot, fail-closed: %+v, want drop", j)
+	}
+}
+
+// Echo requests open an exchange that only its replies (same identifier, reversed) may use.
+func TestJudgeEchoReplies(t *testing.T) {
+	s := compileTest(t, 1, `
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: open}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: open}
+spec: {containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.2.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: open}
+spec: {containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.2.20}
+`)
+	a, b := netip.MustParseAddr("10.244.2.10"), netip.MustParseAddr("10.244.2.20")
+	q := func(src, dst netip.Addr, kind Kind, id uint16) *Packet {
+		return &Packet{Flow: policy.Flow{Src: src, Dst: dst, Proto: 1}, Kind: kind, ID: id}
+	}
+	c, tr, now := NewFlowCache(64), newReturnTable(64), time.Now().UnixNano()
+	for _, st := range []struct {
+		name string
+		p    *Packet
+		want bool
+	}{
+		{"reply before any request", q(b, a, KindQueryReply, 7), false},
+		{"request a->b", q(a, b, KindQuery, 7), true},
+		{"its reply b->a", q(b, a, KindQueryReply, 7), true},
+		{"a reply with another identifier", q(b, a, KindQueryReply, 8), false},
+		// Same 5-tuple and direction as the accepted request: part of that exchange, to a peer
+		// a may reach anyway.
+		{"a reply-typed packet in the request's direction", q(a, b, KindQueryReply, 7), true},
+	} {
+		if j := judge(s, st.p, c, tr, judgeRules{}, now); j.Accept != st.want {
+			t.Errorf("%s: %+v, want accept=%v", st.name, j, st.want)
+		}
 	}
 }
 
@@ -140,21 +197,21 @@ spec: {podSelector: {matchLabels: {tier: frontend}}, policyTypes: [Egress]}
 	for _, cut := range []bool{false, true} {
 		c, tr := NewFlowCache(128), newReturnTable(128)
 		syn := pkt(fe, be, policy.TCP, 40000, 8080, tcpSYN)
-		if j := judge(s1, syn, c, tr, cut, now); !j.Accept {
+		if j := judge(s1, syn, c, tr, judgeRules{cut: cut}, now); !j.Accept {
 			t.Fatalf("syn denied under s1")
 		}
 		data := pkt(fe, be, policy.TCP, 40000, 8080, tcpACK)
-		if j := judge(s1, data, c, tr, cut, now); !j.Accept || j.Reason != ReasonTracked {
+		if j := judge(s1, data, c, tr, judgeRules{cut: cut}, now); !j.Accept || j.Reason != ReasonTracked {
 			t.Fatalf("data not tracked: %+v", j)
 		}
 		reply := pkt(be, fe, policy.TCP, 8080, 40000, tcpACK)
-		if j := judge(s2, reply, c, tr, cut, now+1); j.Accept == cut {
+		if j := judge(s2, reply, c, tr, judgeRules{cut: cut}, now+1); j.Accept == cut {
 			t.Errorf("cut=%v: reply after the policy change accept=%v", cut, j.Accept)
 		}
-		if j := judge(s2, data, c, tr, cut, now+2); j.Accept == cut {
+		if j := judge(s2, data, c, tr, judgeRules{cut: cut}, now+2); j.Accept == cut {
 			t.Errorf("cut=%v: data after the policy change accept=%v", cut, j.Accept)
 		}
-		if j := judge(s2, pkt(fe, be, policy.TCP, 40001, 8080, tcpSYN), c, tr, cut, now+3); j.Accept {
+		if j := judge(s2, pkt(fe, be, policy.TCP, 40001, 8080, tcpSYN), c, tr, judgeRules{cut: cut}, now+3); j.Accept {
 			t.Errorf("cut=%v: a new connection must be denied under s2", cut)
 		}
 	}
@@ -201,20 +258,71 @@ func TestFlowCache(t *testing.T) {
 func TestReturnTableTimeouts(t *testing.T) {
 	tr := newReturnTable(16)
 	now := time.Now().UnixNano()
-	k := tuple{Src: fe, Dst: dns, Proto: policy.UDP, SrcPort: 5353, DstPort: 53}
-	tr.Record(k, policy.Flow{Src: fe, Dst: dns, Proto: policy.UDP, Port: 53}, 1, now)
-	if _, ok := tr.Lookup(k.reverse(), now+int64(time.Second)); !ok {
-		t.Fatal("reply direction missing")
+	query := pkt(fe, dns, policy.UDP, 5353, 53, 0)
+	answer := pkt(dns, fe, policy.UDP, 53, 5353, 0)
+	if !tr.record(query, 1, now) {
+		t.Fatal("record refused")
+	}
+	if e, reply := tr.lookup(answer, now+int64(time.Second)); e == nil || !reply {
+		t.Fatalf("reply direction: entry %v reply %v", e, reply)
+	}
+	if e, reply := tr.lookup(query, now+int64(time.Second)); e == nil || reply {
+		t.Fatalf("opening direction: entry %v reply %v", e, reply)
+	} else if e.opening() != query.Flow {
+		t.Fatalf("opening %+v, want %+v", e.opening(), query.Flow)
 	}
 	// Refreshed at +1s; still there just before +1s+idle.
-	if _, ok := tr.Lookup(k, now+int64(time.Second+trackIdleOther)-1); !ok {
+	if e, _ := tr.lookup(query, now+int64(time.Second+trackIdleOther)-1); e == nil {
 		t.Fatal("entry expired before its idle timeout")
 	}
-	if _, ok := tr.Lookup(k, now+int64(3*time.Second+2*trackIdleOther)); ok {
+	if e, _ := tr.lookup(query, now+int64(3*time.Second+2*trackIdleOther)); e != nil {
 		t.Fatal("entry outlived its idle timeout")
 	}
-	if tr.Len() != 0 {
-		t.Fatalf("expired entry left %d directions", tr.Len())
+	if tr.len() != 0 {
+		t.Fatalf("expired entry left %d entries", tr.len())
+	}
+}
+
+// One opener flooding new flows can neither hold more than its quota nor evict the connections
+// of others that have seen a reply.
+func TestReturnTableFloodKeepsOthers(t *testing.T) {
+	tr := newReturnTable(1024) // 128 buckets of 8, quota 64
+	now := time.Now().UnixNano()
+	// Four other pods with 50 answered exchanges each.
+	victims := make([]*Packet, 0, 200)
+	for i := range 200 {
+		src := netip.AddrFrom4([4]byte{10, 244, 9, byte(i % 4)})
+		p := pkt(src, dns, policy.UDP, uint16(20000+i), 53, 0)
+		if !tr.record(p, 1, now) {
+			t.Fatalf("victim flow %d not recorded", i)
+		}
+		if e, reply := tr.lookup(pkt(dns, src, policy.UDP, 53, uint16(20000+i), 0), now); e == nil || !reply {
+			t.Fatalf("victim flow %d: no reply entry", i)
+		}
+		victims = append(victims, p)
+	}
+	recorded := 0
+	for i := range 50000 {
+		flood := pkt(fe, dns, policy.UDP, uint16(i%60000+1), uint16(1000+i/60000), 0)
+		if tr.record(flood, 1, now+int64(i)) {
+			recorded++
+		}
+	}
+	held := tr.owners[tr.ownerSlot(fe)]
+	if held > tr.quota {
+		t.Errorf("the flooder holds %d entries, quota %d", held, tr.quota)
+	}
+	if tr.stats.overQuota == 0 || recorded == 50000 {
+		t.Errorf("quota never refused the flooder (recorded %d of 50000)", recorded)
+	}
+	lost := 0
+	for _, p := range victims {
+		if e, _ := tr.lookup(p, now+1); e == nil {
+			lost++
+		}
+	}
+	if lost != 0 {
+		t.Errorf("%d of %d replied-to connections of another pod were evicted by the flood", lost, len(victims))
 	}
 }
 
@@ -225,7 +333,8 @@ func TestHotPathAllocatesNothing(t *testing.T) {
 	tr := newReturnTable(1024)
 	var p Packet
 	syn := pkt(fe, be, policy.TCP, 40000, 8080, tcpSYN)
-	judge(s, syn, c, tr, true, 1)
+	r := judgeRules{cut: true}
+	judge(s, syn, c, tr, r, 1)
 	f := syn.Flow
 	if n := testing.AllocsPerRun(1000, func() { s.Decide(f) }); n != 0 {
 		t.Errorf("Decide: %v allocs", n)
@@ -234,11 +343,24 @@ func TestHotPathAllocatesNothing(t *testing.T) {
 		t.Errorf("cache hit: %v allocs", n)
 	}
 	now := time.Now().UnixNano()
-	if n := testing.AllocsPerRun(1000, func() { judge(s, syn, c, tr, true, now) }); n != 0 {
+	if n := testing.AllocsPerRun(1000, func() { judge(s, syn, c, tr, r, now) }); n != 0 {
+		t.Errorf("judge of a SYN: %v allocs", n)
+	}
+	ack := pkt(fe, be, policy.TCP, 40000, 8080, tcpACK)
+	if n := testing.AllocsPerRun(1000, func() { judge(s, ack, c, tr, r, now) }); n != 0 {
 		t.Errorf("tracked judge: %v allocs", n)
 	}
+	// Every connection a new 5-tuple (a new source port), recorded in the table.
+	port := uint16(1000)
+	if n := testing.AllocsPerRun(1000, func() {
+		port++
+		syn.SrcPort = port
+		judge(s, syn, c, tr, r, now)
+	}); n != 0 {
+		t.Errorf("new connections: %v allocs", n)
+	}
 	data := decodeCases(t)[0].data
-	if n := testing.AllocsPerRun(1000, func() { d.Decode(data, &p); judge(s, &p, c, nil, false, now) }); n != 0 {
+	if n := testing.AllocsPerRun(1000, func() { d.Decode(data, &p); judge(s, &p, c, tr, judgeRules{}, now) }); n != 0 {
 		t.Errorf("decode+judge: %v allocs", n)
 	}
 }

@@ -31,16 +31,18 @@ const (
 	ReasonRule
 	ReasonEgressDenied
 	ReasonIngressDenied
-	// ReasonReply: a packet that cannot open a connection, accepted because the flow the other
-	// way is allowed (replies and mid-stream packets after a conntrack flush).
-	ReasonReply
 	// ReasonTracked: part of a connection sluice accepted before (the return table).
 	ReasonTracked
-	// ReasonControl: ICMP errors and neighbour discovery, which are never judged by policy.
+	// ReasonNoConnection: a packet that cannot open a connection and belongs to none sluice
+	// accepted (a forged ACK, an unsolicited echo reply).
+	ReasonNoConnection
+	// ReasonUnrelated: an ICMP error about no connection conntrack holds.
+	ReasonUnrelated
+	// ReasonControl: neighbour discovery that stays on the link.
 	ReasonControl
 	ReasonFragment
 	ReasonMalformed
-	// ReasonNoSnapshot: no policy loaded yet; sluice never drops for lack of state.
+	// ReasonNoSnapshot: no policy loaded yet; the verdict follows the fail mode.
 	ReasonNoSnapshot
 	// reasonUnmapped is a policy.Reason this package does not know; a test keeps it unused.
 	reasonUnmapped
@@ -49,7 +51,7 @@ const (
 
 var reasonNames = [numReasons]string{
 	"unisolated", "rule", "egress-denied", "ingress-denied",
-	"reply", "tracked", "control", "fragment", "malformed", "no-snapshot", "unknown",
+	"tracked", "no-connection", "unrelated", "control", "fragment", "malformed", "no-snapshot", "unknown",
 }
 
 func (r Reason) String() string {

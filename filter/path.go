@@ -26,10 +26,12 @@ type Config struct {
 	Audit bool
 	// CutEstablished: connections in the return table are judged again under a new snapshot.
 	CutEstablished bool
-	CacheSize      int           // flows remembered per worker (DefaultCacheSize when 0)
-	LogEvery       time.Duration // how often one flow may write a verdict line (DefaultLogEvery)
-	Log            *slog.Logger
-	Offload        FlowRecorder
+	// FailOpen: before the first snapshot packets are accepted (else dropped).
+	FailOpen  bool
+	CacheSize int           // flows remembered per worker (DefaultCacheSize when 0)
+	LogEvery  time.Duration // how often one flow may write a verdict line (DefaultLogEvery)
+	Log       *slog.Logger
+	Offload   FlowRecorder
 	// FaultStallPort is fault injection for tests of the watchdog: a worker that takes a packet
 	// to this destination port never returns. 0 (always, outside tests) disables it.
 	FaultStallPort uint16
@@ -44,6 +46,7 @@ type Engine struct {
 	snap  atomic.Pointer[policy.Snapshot]
 	logw  *logWriter
 	debug bool
+	rules judgeRules
 }
 
 // NewEngine prepares the packet path; RunLog must run for verdict lines to be written.
@@ -55,6 +58,7 @@ func NewEngine(cfg Config) *Engine {
 		cfg:   cfg,
 		log:   cfg.Log,
 		debug: cfg.Log.Enabled(context.Background(), slog.LevelDebug),
+		rules: judgeRules{cut: cfg.CutEstablished, failOpen: cfg.FailOpen},
 	}
 	e.logw = newLogWriter(cfg.Log, &e.count.logDropped)
 	return e
@@ -96,9 +100,9 @@ func (e *Engine) NewPath(queue uint16) *Path {
 		queue: queue,
 		dec:   NewDecoder(),
 		cache: NewFlowCache(e.cfg.CacheSize),
-		// The table is needed in queue-all mode, and in NEW-only mode for connectionless
-		// protocols: after a conntrack flush a UDP reply looks like a new datagram, and only
-		// the memory of the request tells the two apart.
+		// The table is the whole connection state in queue-all mode; in the default mode it is
+		// what tells a legitimate packet of an accepted connection from a forged one after a
+		// conntrack flush (both arrive as NEW).
 		track: newReturnTable(e.cfg.CacheSize),
 		lim:   newLimiter(e.cfg.LogEvery, 4096),
 		count: e.count.add(),
@@ -124,11 +128,7 @@ func (p *Path) Handle(data []byte, start time.Time) bool {
 	s := p.e.snap.Load()
 	p.dec.Decode(data, &p.pkt)
 	p.faultInjection()
-	var track *returnTable
-	if p.e.cfg.QueueAll || (p.pkt.Flow.Proto != policy.TCP && p.pkt.Kind == KindPorts) {
-		track = p.track
-	}
-	o := judge(s, &p.pkt, p.cache, track, p.e.cfg.CutEstablished, now)
+	o := judge(s, &p.pkt, p.cache, p.track, p.e.rules, now)
 	v := p.record(s, o, now)
 	p.count.observe(time.Since(start))
 	return v != Drop

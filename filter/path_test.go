@@ -32,13 +32,16 @@ func drain(e *Engine) {
 func TestHandleCountsLogsAndDoesNotAllocate(t *testing.T) {
 	var buf bytes.Buffer
 	log := slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	d := NewEngine(Config{Log: log, LogEvery: time.Hour})
+	d := NewEngine(Config{Log: log, LogEvery: time.Hour, FailOpen: true})
 	w := d.NewPath(0)
 	allowed := tcp4(t, fe.AsSlice(), be.AsSlice(), 40000, 8080, true, false)
 	denied := tcp4(t, be.AsSlice(), fe.AsSlice(), 40000, 22, true, false)
 	now := time.Now().UnixNano()
 	if !w.Handle(denied, time.Unix(0, now)) {
-		t.Fatal("before the first snapshot everything must be accepted")
+		t.Fatal("before the first snapshot everything must be accepted when failing open")
+	}
+	if closed := NewEngine(Config{Log: log}).NewPath(0); closed.Handle(allowed, time.Unix(0, now)) {
+		t.Fatal("before the first snapshot everything must be dropped when failing closed")
 	}
 	d.Publish(compileTest(t, 1, ""))
 	if !w.Handle(allowed, time.Unix(0, now)) {

@@ -1,71 +1,92 @@
 package filter
 
 import (
+	"hash/maphash"
 	"net/netip"
 	"time"
-
-	"github.com/hashicorp/golang-lru/v2/simplelru"
 
 	"github.com/sluice-dev/sluice/policy"
 )
 
 // Idle timeouts of the return table. They are shorter than conntrack's (5 days for an
-// established TCP connection) because the table is bounded and an idle flow that loses its
-// entry is judged again by policy on its next packet, which admits it again if it is still
-// allowed: a TCP packet that cannot open a connection is accepted when the flow is allowed in
-// either direction.
+// established TCP connection) because the table is bounded; a connection that loses its entry
+// keeps working in the default mode (conntrack carries it) and only loses the ability to
+// resume after a conntrack flush.
 const (
 	trackIdleTCP   = time.Hour
 	trackIdleSCTP  = time.Hour
 	trackIdleOther = 2 * time.Minute // UDP, ICMP and the rest, as conntrack's UDP stream
-	// trackRefresh: an entry is rewritten at most this often, which keeps steady-state packets
-	// from touching the LRU list on every hit.
-	trackRefresh = time.Second
 )
 
-// tuple is one direction of a connection as seen in a packet.
-type tuple struct {
-	Src, Dst         netip.Addr
-	Proto            policy.Protocol
-	SrcPort, DstPort uint16
+// bucketSize is how many connections share a hash bucket. A connection lives only in its own
+// bucket, so a lookup reads at most this many entries and an insert into a full bucket evicts
+// one of them (see record); the hash is seeded per table, so a pod cannot aim its flows at
+// another pod's bucket.
+const bucketSize = 8
+
+// ownerSlots is the number of per-opener counters behind the quota. Openers share a counter
+// when their addresses hash alike, which only makes their quotas shared.
+const ownerSlots = 4096
+
+// connKey is one connection, both directions: the two ends in a fixed order.
+type connKey struct {
+	a, b   [16]byte
+	pa, pb uint16
+	proto  policy.Protocol
+	v4     bool
 }
 
-func (t tuple) reverse() tuple {
-	return tuple{Src: t.Dst, Dst: t.Src, Proto: t.Proto, SrcPort: t.DstPort, DstPort: t.SrcPort}
+// conn is one connection sluice accepted as an opening. It is plain data: the table holds no
+// pointers for the garbage collector to follow.
+type conn struct {
+	key   connKey
+	last  int64  // unix nanoseconds of the last packet seen
+	gen   uint64 // snapshot generation that last judged it
+	owner uint16 // the opener's quota slot
+	// origAB: the opening went from a to b. replied: a packet of the other direction was seen,
+	// so the connection works both ways; such entries are evicted last.
+	origAB, replied, used bool
 }
 
-func packetTuple(p *Packet) tuple {
-	return tuple{Src: p.Flow.Src, Dst: p.Flow.Dst, Proto: p.Flow.Proto, SrcPort: p.SrcPort, DstPort: p.Flow.Port}
-}
-
-type trackEntry struct {
-	last int64 // unix nanoseconds of the last packet seen
-	gen  uint64
-	// orig is the flow that was judged when the connection opened; a new snapshot judges it
-	// again when established connections are cut.
-	orig policy.Flow
-}
-
-// returnTable is sluice's own connection table for the modes that cannot rely on kernel
-// conntrack state: both directions of every accepted connection, keyed on the full 5-tuple,
-// with idle timeouts. One per worker, without a lock: NFQUEUE's --queue-balance hashes the
-// sorted address pair (the kernel's nfqueue_hash puts "packets in either direction into the
-// same queue"), so both directions of a connection meet the same worker; the queue-all test
-// with several queues checks it.
+// returnTable is sluice's own connection table: every connection accepted as an opening, keyed
+// on the full 5-tuple (the ICMP query identifier standing in for ports), with idle timeouts. It
+// is what lets a packet that cannot open a connection through: only when it belongs to one of
+// these. One per worker, without a lock: NFQUEUE's --queue-balance hashes the sorted address
+// pair (the kernel's nfqueue_hash puts "packets in either direction into the same queue"), so
+// both directions of a connection meet the same worker.
+//
+// It is a fixed array of small buckets rather than an LRU list, so that recording a connection
+// allocates nothing, and so that eviction can protect the flows of others: no opener may hold
+// more than quota entries (its own oldest goes first), and when a bucket is full the victim is
+// an expired entry, else one never replied to, else the oldest.
 type returnTable struct {
-	lru *simplelru.LRU[tuple, trackEntry]
+	seed    maphash.Seed
+	buckets [][bucketSize]conn
+	mask    uint64
+	quota   int32
+	owners  [ownerSlots]int32
+	stats   trackStats
 }
 
-// newReturnTable makes a table holding up to size connection directions.
+type trackStats struct {
+	evicted   uint64 // live entries pushed out by another
+	overQuota uint64 // openings not recorded: their opener held its quota in the bucket's place
+}
+
+// newReturnTable makes a table holding about size connections.
 func newReturnTable(size int) *returnTable {
 	if size <= 0 {
 		size = DefaultCacheSize
 	}
-	l, err := simplelru.NewLRU[tuple, trackEntry](size, nil)
-	if err != nil {
-		panic(err)
+	n := 1
+	for n*bucketSize < size {
+		n <<= 1
 	}
-	return &returnTable{lru: l}
+	t := &returnTable{seed: maphash.MakeSeed(), buckets: make([][bucketSize]conn, n), mask: uint64(n - 1)}
+	// One opener may hold a sixteenth of the table: a busy client keeps thousands of
+	// connections, and sixteen floods at once still leave room for everyone else.
+	t.quota = int32(max(n*bucketSize/16, 64))
+	return t
 }
 
 func idleFor(p policy.Protocol) int64 {
@@ -78,49 +99,156 @@ func idleFor(p policy.Protocol) int64 {
 	return int64(trackIdleOther)
 }
 
-// Lookup finds the connection the packet belongs to. An expired entry is removed and not
-// returned. A hit refreshes both directions (at most once per trackRefresh).
-func (t *returnTable) Lookup(k tuple, now int64) (trackEntry, bool) {
-	e, ok := t.lru.Peek(k)
-	if !ok {
-		return e, false
+// keyOf is the packet's connection and whether the packet goes from a to b.
+func keyOf(p *Packet) (connKey, bool) {
+	sport, dport := p.SrcPort, p.Flow.Port
+	if p.Kind == KindQuery || p.Kind == KindQueryReply {
+		sport, dport = p.ID, p.ID
 	}
-	if now-e.last > idleFor(k.Proto) {
-		t.lru.Remove(k)
-		t.lru.Remove(k.reverse())
-		return e, false
+	src, dst := p.Flow.Src.As16(), p.Flow.Dst.As16()
+	k := connKey{proto: p.Flow.Proto, v4: p.Flow.Src.Is4()}
+	if less(src, sport, dst, dport) {
+		k.a, k.pa, k.b, k.pb = src, sport, dst, dport
+		return k, true
 	}
-	if now-e.last >= int64(trackRefresh) {
+	k.a, k.pa, k.b, k.pb = dst, dport, src, sport
+	return k, false
+}
+
+func less(x [16]byte, xp uint16, y [16]byte, yp uint16) bool {
+	for i := range x {
+		if x[i] != y[i] {
+			return x[i] < y[i]
+		}
+	}
+	return xp < yp
+}
+
+func (t *returnTable) bucket(k *connKey) *[bucketSize]conn {
+	return &t.buckets[maphash.Comparable(t.seed, *k)&t.mask]
+}
+
+func (t *returnTable) ownerSlot(src netip.Addr) uint16 {
+	return uint16(maphash.Comparable(t.seed, src.As16()) % ownerSlots)
+}
+
+// lookup finds the connection the packet belongs to; reply says the packet goes the other way
+// than the opening did. An expired entry is removed and not returned. A hit refreshes it.
+func (t *returnTable) lookup(p *Packet, now int64) (c *conn, reply bool) {
+	k, ab := keyOf(p)
+	b := t.bucket(&k)
+	for i := range b {
+		e := &b[i]
+		if !e.used || e.key != k {
+			continue
+		}
+		if now-e.last > idleFor(k.proto) {
+			t.remove(e)
+			return nil, false
+		}
 		e.last = now
-		t.lru.Add(k, e)
-		t.lru.Add(k.reverse(), e)
+		reply = ab != e.origAB
+		if reply {
+			e.replied = true
+		}
+		return e, reply
 	}
-	return e, true
+	return nil, false
 }
 
-// Record remembers an accepted connection in both directions; k is the packet's own tuple and
-// orig the flow that was judged to accept it.
-func (t *returnTable) Record(k tuple, orig policy.Flow, gen uint64, now int64) {
-	if e, ok := t.lru.Peek(k); ok && e.gen == gen && now-e.last < int64(trackRefresh) {
-		return
+// record remembers a connection the packet opened, judged under generation gen. It reports
+// false when the opener is over its quota and none of its own entries could make room.
+func (t *returnTable) record(p *Packet, gen uint64, now int64) bool {
+	k, ab := keyOf(p)
+	b := t.bucket(&k)
+	for i := range b {
+		if e := &b[i]; e.used && e.key == k { // a retransmitted opening, or the flow opened again
+			e.last, e.gen, e.origAB = now, gen, ab
+			return true
+		}
 	}
-	e := trackEntry{last: now, gen: gen, orig: orig}
-	t.lru.Add(k, e)
-	t.lru.Add(k.reverse(), e)
+	owner := t.ownerSlot(p.Flow.Src)
+	var victim *conn
+	if t.owners[owner] >= t.quota {
+		// Over quota: only the opener's own entries may make room, its oldest first.
+		for i := range b {
+			if e := &b[i]; e.used && e.owner == owner && (victim == nil || e.last < victim.last) {
+				victim = e
+			}
+		}
+		if victim == nil {
+			t.stats.overQuota++
+			return false
+		}
+	} else {
+		for i := range b {
+			e := &b[i]
+			if !e.used || now-e.last > idleFor(e.key.proto) {
+				victim = e
+				break
+			}
+			if victim == nil || victimRank(e) < victimRank(victim) {
+				victim = e
+			}
+		}
+	}
+	if victim.used {
+		if now-victim.last <= idleFor(victim.key.proto) {
+			t.stats.evicted++
+		}
+		t.owners[victim.owner]--
+	}
+	*victim = conn{key: k, last: now, gen: gen, owner: owner, origAB: ab, used: true}
+	t.owners[owner]++
+	return true
 }
 
-// Restamp marks an entry as re-judged under a new snapshot generation.
-func (t *returnTable) Restamp(k tuple, e trackEntry, gen uint64) {
-	e.gen = gen
-	t.lru.Add(k, e)
-	t.lru.Add(k.reverse(), e)
+// victimRank orders live entries for eviction: never-replied ones before replied ones, older
+// before newer.
+func victimRank(e *conn) int64 {
+	if e.replied {
+		return e.last + 1<<62
+	}
+	return e.last
 }
 
-// Forget removes both directions of a connection.
-func (t *returnTable) Forget(k tuple) {
-	t.lru.Remove(k)
-	t.lru.Remove(k.reverse())
+func (t *returnTable) remove(e *conn) {
+	if e.used {
+		t.owners[e.owner]--
+	}
+	*e = conn{}
 }
 
-// Len is the number of directions held.
-func (t *returnTable) Len() int { return t.lru.Len() }
+// opening is the flow that opened the connection, as policy judged it.
+func (e *conn) opening() policy.Flow {
+	src, dst, port := e.key.a, e.key.b, e.key.pb
+	if !e.origAB {
+		src, dst, port = e.key.b, e.key.a, e.key.pa
+	}
+	f := policy.Flow{Src: addrOf(src, e.key.v4), Dst: addrOf(dst, e.key.v4), Proto: e.key.proto, Port: port}
+	if f.Proto == 1 || f.Proto == 58 { // ICMP is judged without a port; the identifier was one
+		f.Port = 0
+	}
+	return f
+}
+
+func addrOf(b [16]byte, v4 bool) netip.Addr {
+	a := netip.AddrFrom16(b)
+	if v4 {
+		return a.Unmap()
+	}
+	return a
+}
+
+// len counts the connections held (expired ones included).
+func (t *returnTable) len() int {
+	n := 0
+	for i := range t.buckets {
+		for j := range t.buckets[i] {
+			if t.buckets[i][j].used {
+				n++
+			}
+		}
+	}
+	return n
+}

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -48,6 +49,13 @@ type agentOptions struct {
 	offloadTimeout          time.Duration
 	cleanup                 bool
 	firstSnapshot           time.Duration
+	podInterfaces           []string
+	admissionRate           int
+	admissionBurst          int
+	mark                    uint32
+	resync                  time.Duration
+	lockFile                string
+	setBridgeNF             bool
 }
 
 func newAgentCmd() *cobra.Command {
@@ -95,6 +103,13 @@ crashed agent left and exits.`,
 	f.DurationVar(&o.offloadTimeout, "offload-timeout", 5*time.Minute, "lifetime of an offloaded verdict")
 	f.BoolVar(&o.cleanup, "cleanup", false, "remove every sluice rule and set in this network namespace, then exit")
 	f.DurationVar(&o.firstSnapshot, "first-snapshot-timeout", 0, "give up when no policy snapshot arrives within this time (0: wait forever; traffic is not filtered meanwhile)")
+	f.StringSliceVar(&o.podInterfaces, "pod-interfaces", rules.DefaultPodInterfaces, "iptables patterns of the node side of pod interfaces: packets from them with a source the pod does not own are dropped (empty: no anti-spoofing)")
+	f.IntVar(&o.admissionRate, "admission-rate", 2000, "packets per second one source address may put into the queue; the excess is dropped in the kernel so no pod can fill the queue (0: no limit)")
+	f.IntVar(&o.admissionBurst, "admission-burst", 1000, "burst allowed above --admission-rate (keep it well below the queue length, 4096)")
+	f.Uint32Var(&o.mark, "mark-bit", rules.DefaultMark, "packet mark bit sluice sets on accepted packets so the rest of the chain applies to them; must be unused by other components")
+	f.DurationVar(&o.resync, "resync-interval", 10*time.Second, "how often the agent checks its kernel rules and repairs them")
+	f.StringVar(&o.lockFile, "lock-file", rules.DefaultLockFile, "lock file that serialises the rule changes of the agents of one node (on a path they share)")
+	f.BoolVar(&o.setBridgeNF, "set-bridge-nf-call", false, "when pod interfaces are bridged, turn net.bridge.bridge-nf-call-iptables/ip6tables on instead of refusing readiness")
 	return cmd
 }
 
@@ -122,7 +137,7 @@ func (o *agentOptions) run(ctx context.Context, stderr io.Writer) error {
 		return err
 	}
 	if o.cleanup {
-		return rules.Cleanup(log)
+		return rules.Cleanup(log, o.lockFile)
 	}
 	a, err := o.newAgent(log)
 	if err != nil {
@@ -135,18 +150,24 @@ func (o *agentOptions) run(ctx context.Context, stderr io.Writer) error {
 // feed the queues, and the policy source. Everything it sets up is pushed on one cleanup stack
 // and undone in reverse order, whatever way the agent ends.
 type agent struct {
-	o        *agentOptions
-	log      *slog.Logger
-	node     string
-	queueAll bool
-	spec     queue.Spec
-	source   watch.Source
-	reg      *prometheus.Registry
-	engine   *filter.Engine
-	queues   *queue.Queues
-	offload  *offload.Offload
-	cutter   *conntrack.Cutter
-	undo     cleanups
+	o         *agentOptions
+	log       *slog.Logger
+	node      string
+	queueAll  bool
+	spec      queue.Spec
+	source    watch.Source
+	reg       *prometheus.Registry
+	engine    *filter.Engine
+	queues    *queue.Queues
+	offload   *offload.Offload
+	cutter    *conntrack.Cutter
+	undo      cleanups
+	podIfaces []string
+	integrity *integrity
+
+	// staleOffload: a flush of the offload sets failed, so verdicts of an older snapshot may be
+	// in the kernel; the integrity loop retries.
+	staleOffload atomic.Bool
 
 	mu    sync.Mutex
 	rules *rules.Rules
@@ -169,6 +190,22 @@ func (o *agentOptions) newAgent(log *slog.Logger) (*agent, error) {
 	if err := a.spec.Validate(); err != nil {
 		return nil, fmt.Errorf("--queue-num %d, --queues %d: %w", o.queueNum, o.queues, err)
 	}
+	if o.offload && a.queueAll {
+		// Offloaded flows skip the queue, so their replies would never find the connection
+		// in sluice's own table, which is all queue-all mode has.
+		return nil, errors.New("--offload decides repeat flows in the kernel, so in --mode queue-all their replies would be dropped: use --offload with --mode new-only")
+	}
+	if o.mark == 0 || o.mark&(o.mark-1) != 0 {
+		return nil, fmt.Errorf("--mark-bit 0x%x: give one bit, e.g. 0x%x", o.mark, rules.DefaultMark)
+	}
+	if o.admissionRate < 0 || o.admissionBurst < 0 {
+		return nil, errors.New("--admission-rate and --admission-burst cannot be negative")
+	}
+	if o.resync <= 0 {
+		return nil, fmt.Errorf("--resync-interval %s: give a positive duration", o.resync)
+	}
+	// An empty --pod-interfaces= arrives as one empty pattern.
+	a.podIfaces = slices.DeleteFunc(slices.Clone(o.podInterfaces), func(p string) bool { return p == "" })
 	if o.state != "" {
 		a.source = watch.NewFileSource(o.state, policy.Options{Node: a.node}, log)
 	} else {
@@ -230,6 +267,8 @@ func (a *agent) run(ctx context.Context) (err error) {
 	if err := a.install(); err != nil {
 		return err
 	}
+	a.integrity = newIntegrity(a)
+	go a.integrity.run(ctx)
 	a.log.Info("sluice agent running", "node", nodeLabel(a.node), "mode", a.o.mode, "fail_open", a.o.failOpen,
 		"audit", a.o.audit, "cut_established", a.o.cut, "queues", a.o.queues, "metrics", a.o.metricsAddr)
 
@@ -258,13 +297,10 @@ func (a *agent) start(ctx context.Context) error {
 		// reverse).
 		a.undo.push("removing offload sets", off.Close)
 		a.reg.MustRegister(off)
-		if a.queueAll {
-			a.log.Warn("--offload with --mode queue-all: offloaded flows skip sluice's return table; replies are still judged")
-		}
 	}
 	a.engine = filter.NewEngine(filter.Config{
-		QueueAll: a.queueAll, Audit: o.audit, CutEstablished: o.cut, CacheSize: o.cacheSize,
-		Log: a.log, Offload: rec, FaultStallPort: faultStallPort(a.log),
+		QueueAll: a.queueAll, Audit: o.audit, CutEstablished: o.cut, FailOpen: o.failOpen,
+		CacheSize: o.cacheSize, Log: a.log, Offload: rec, FaultStallPort: faultStallPort(a.log),
 	})
 	a.reg.MustRegister(newPacketCollector(a.engine))
 	if o.cut {
@@ -273,6 +309,7 @@ func (a *agent) start(ctx context.Context) error {
 	q, err := queue.New(queue.Config{
 		Spec:    a.spec,
 		Handler: func(n uint16) queue.Handler { return a.engine.NewPath(n) },
+		Mark:    o.mark,
 		Log:     a.log,
 		Metrics: queue.NewMetrics(a.reg),
 	})
@@ -318,7 +355,8 @@ func (a *agent) start(ctx context.Context) error {
 // cut of the connections it denies when configured.
 func (a *agent) publish(s *policy.Snapshot) {
 	if err := a.engine.Publish(s); err != nil {
-		a.log.Error("flushing offloaded verdicts failed; old verdicts may survive until their timeout", "err", err)
+		a.log.Error("flushing offloaded verdicts failed; retrying at the next rule check, /healthz fails meanwhile", "err", err)
+		a.staleOffload.Store(true)
 	}
 	if a.cutter != nil {
 		a.cutter.Request()
@@ -336,13 +374,21 @@ func (a *agent) install() error {
 	defer a.mu.Unlock()
 	r, err := rules.Install(rules.Config{
 		Queues: a.spec, QueueAll: a.queueAll, JudgeNode: a.o.judgeNode, Offload: sets,
-		LocalPods: a.pending, Log: a.log,
+		LocalPods: a.pending, PodInterfaces: a.podIfaces, Mark: a.o.mark,
+		Admission: rules.Admission{Rate: a.o.admissionRate, Burst: a.o.admissionBurst},
+		LockFile:  a.o.lockFile, Log: a.log,
 	})
 	if err != nil {
 		return err
 	}
 	a.rules, a.local = r, a.pending
-	a.undo.push("removing kernel rules", a.removeRules)
+	if a.o.failOpen {
+		a.undo.push("removing kernel rules", a.removeRules)
+	} else {
+		// Fail-closed: the rules stay, so that nothing passes unjudged until the next agent
+		// adopts them; only verdicts the kernel could apply on its own are withdrawn.
+		a.undo.push("keeping kernel rules (fail-closed)", a.keepRules)
+	}
 	return nil
 }
 
@@ -367,6 +413,17 @@ func (a *agent) updateLocalPods(s *policy.Snapshot) {
 	a.log.Info("local pods changed", "addresses", len(ips))
 }
 
+// keepRules is the fail-closed shutdown: the rules and local pod sets stay in force (with no
+// reader bound and no --queue-bypass, every packet they queue is dropped), and offloaded allow
+// verdicts are flushed, since nobody would flush them on the next policy change.
+func (a *agent) keepRules() error {
+	a.log.Info("fail-closed: leaving the kernel rules in place for the next agent (sluice agent --cleanup removes them)")
+	if a.offload != nil {
+		return a.offload.FlushGen(^uint64(0))
+	}
+	return nil
+}
+
 func (a *agent) removeRules() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -381,8 +438,17 @@ func (a *agent) removeRules() error {
 	return nil
 }
 
-// health fails while a queue worker is stuck.
-func (a *agent) health() error { return a.queues.Health() }
+// health fails while a queue worker is stuck, or while stale offloaded verdicts could not be
+// flushed.
+func (a *agent) health() error {
+	if err := a.queues.Health(); err != nil {
+		return err
+	}
+	if a.integrity != nil {
+		return a.integrity.offloadErr()
+	}
+	return nil
+}
 
 // ready is nil once the rules are installed, every queue is bound, a snapshot is in force and
 // no worker is stuck.
@@ -395,6 +461,9 @@ func (a *agent) ready() error {
 		return errors.New("kernel rules not installed yet")
 	case a.engine.Snapshot() == nil:
 		return errors.New("no policy snapshot yet")
+	}
+	if err := a.integrity.err(); err != nil {
+		return err
 	}
 	if err := a.queues.Bound(); err != nil {
 		return err

@@ -16,6 +16,7 @@ type Metrics struct {
 	enobufs       prometheus.Counter
 	recvErrors    prometheus.Counter
 	verdictErrors prometheus.Counter
+	markLoops     prometheus.Counter
 	stalled       prometheus.Gauge
 }
 
@@ -32,9 +33,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		enobufs:       c("sluice_queue_enobufs_total", "Netlink receive overruns (ENOBUFS): packets the kernel could not hand to the agent."),
 		recvErrors:    c("sluice_queue_receive_errors_total", "Other errors reading the queue socket."),
 		verdictErrors: c("sluice_verdict_errors_total", "Verdicts that could not be sent to the kernel."),
+		markLoops:     c("sluice_queue_mark_loops_total", "Packets queued again although they carried the pass mark (the rules in force do not honour it); accepted outright."),
 		stalled:       prometheus.NewGauge(prometheus.GaugeOpts{Name: "sluice_stalled_workers", Help: "Queue workers that made no progress with packets waiting."}),
 	}
-	reg.MustRegister(m.enobufs, m.recvErrors, m.verdictErrors, m.stalled, kernelStats{})
+	reg.MustRegister(m.enobufs, m.recvErrors, m.verdictErrors, m.markLoops, m.stalled, kernelStats{})
 	return m
 }
 

@@ -69,6 +69,10 @@ type Config struct {
 	MaxQueueLen uint32 // DefaultMaxQueueLen when 0
 	// Handler returns the handler of one queue's worker; it is called once per queue.
 	Handler func(queue uint16) Handler
+	// Mark is the pass mark bit: an accepted packet is given NF_REPEAT with this bit added to
+	// its mark, so the hook runs again and the rules after sluice's jump still apply (see
+	// filter/rules). 0 gives plain NF_ACCEPT, which ends the chain.
+	Mark    uint32
 	Log     *slog.Logger
 	Metrics *Metrics // a private registry when nil
 	// Stall is how long a worker may hold packets without progress before Health fails
@@ -263,11 +267,28 @@ func (w *worker) hook(a nfqueue.Attribute) int {
 	if a.Payload != nil {
 		data = *a.Payload
 	}
-	v := nfqueue.NfDrop
-	if w.h.Handle(data, start) {
-		v = nfqueue.NfAccept
+	var err error
+	switch {
+	case !w.h.Handle(data, start):
+		err = w.nf.SetVerdict(*a.PacketID, nfqueue.NfDrop)
+	case w.q.cfg.Mark != 0:
+		var mark uint32
+		if a.Mark != nil {
+			mark = *a.Mark
+		}
+		if mark&w.q.cfg.Mark != 0 {
+			// The packet came back although it carries the pass mark: the rules in force do
+			// not honour it (an older agent's, or someone else's). Repeating would loop, so
+			// it is accepted outright, and counted; the rule resync repairs the rules.
+			w.q.m.markLoops.Inc()
+			err = w.nf.SetVerdict(*a.PacketID, nfqueue.NfAccept)
+			break
+		}
+		err = w.nf.SetVerdictWithMark(*a.PacketID, nfqueue.NfRepeat, int(mark|w.q.cfg.Mark))
+	default:
+		err = w.nf.SetVerdict(*a.PacketID, nfqueue.NfAccept)
 	}
-	if err := w.nf.SetVerdict(*a.PacketID, v); err != nil {
+	if err != nil {
 		w.q.m.verdictErrors.Inc()
 	}
 	w.busySince.Store(0)

@@ -4,7 +4,6 @@
 package rules
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -12,6 +11,8 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,25 +21,14 @@ import (
 	"github.com/sluice-dev/sluice/filter/queue"
 )
 
-// The chains are written written with iptables-restore --noflush so every change is one
-// atomic commit per address family and nothing outside our chains and our jumps is touched.
-//
-//	FORWARD -> SLUICE-FORWARD   pod<->pod through the node, pod<->outside
-//	INPUT   -> SLUICE-INPUT     local pod -> the node's own addresses
-//	OUTPUT  -> SLUICE-OUTPUT    node -> local pod (only judged with JudgeNode)
-//	each    -> SLUICE-QUEUE     ND exempt, [not NEW: RETURN], [offload sets], NFQUEUE
-//
-// "Local pod" is membership in the ipsets sluice-local4 / sluice-local6, so a pod coming or going
-// is one atomic set swap, not a rule rewrite. Native nftables `queue` is not used because kernels
-// without CONFIG_NFT_QUEUE (this project's machines) lack it; the xt NFQUEUE target works through
-// both iptables-nft and iptables-legacy.
+// The chains are written with iptables-restore --noflush, so every change is one atomic commit
+// per table and address family and nothing outside our chains and our jumps is touched (see
+// layout.go for what they hold). "Local pod" is membership in the ipsets sluice-local4 /
+// sluice-local6, so a pod coming or going is one atomic set swap, not a rule rewrite. Native
+// nftables `queue` is not used because kernels without CONFIG_NFT_QUEUE (this project's
+// machines) lack it; the xt NFQUEUE target works through both iptables-nft and iptables-legacy.
 
 const (
-	ChainForward = "SLUICE-FORWARD"
-	ChainInput   = "SLUICE-INPUT"
-	ChainOutput  = "SLUICE-OUTPUT"
-	ChainQueue   = "SLUICE-QUEUE"
-
 	LocalSet4 = "sluice-local4"
 	LocalSet6 = "sluice-local6"
 
@@ -50,9 +40,14 @@ const (
 	BackendLegacy = "iptables-legacy"
 )
 
-// lockFile serialises rule changes of concurrent sluice processes (a double start), so two
-// installs can't both see "no jump yet" and insert one each.
-const lockFile = "/run/sluice-rules.lock"
+// tables sluice writes to.
+var tables = []string{"filter", "raw"}
+
+// DefaultLockFile serialises rule changes of concurrent sluice processes (a double start, the
+// old and the new agent of a rolling update), so two installs can't both see "no jump yet" and
+// insert one each. It must be on a path every agent of the node shares (the DaemonSet mounts
+// the host's /run/sluice).
+const DefaultLockFile = "/run/sluice/rules.lock"
 
 // Config says what Install puts in the kernel.
 type Config struct {
@@ -73,8 +68,25 @@ type Config struct {
 	Offload *offload.Sets
 	// Backend forces "iptables-nft" or "iptables-legacy"; empty detects (see DetectBackend).
 	Backend string
-	Log     *slog.Logger
+	// PodInterfaces are iptables interface patterns ("cali+") of the node side of pod
+	// interfaces: packets from them with a source the pod does not own are dropped, and with
+	// fail-closed so is the traffic of a pod interface whose address is in no snapshot. Empty:
+	// no anti-spoofing.
+	PodInterfaces []string
+	// Mark is the pass mark bit of accepted packets (DefaultMark when 0); the queue readers set
+	// it with their NF_REPEAT verdicts.
+	Mark uint32
+	// Admission bounds, per source address, the packets that may enter the queue, so one pod
+	// cannot fill it (which, with fail-open, would let everyone's packets pass unjudged).
+	Admission Admission
+	// LockFile is DefaultLockFile when empty.
+	LockFile string
+	Log      *slog.Logger
 }
+
+// Admission is a per-source rate limit in front of the queue: Rate packets per second with
+// bursts of Burst; Rate 0 switches it off.
+type Admission struct{ Rate, Burst int }
 
 // Rules is the installed rule set of one agent.
 type Rules struct {
@@ -82,7 +94,18 @@ type Rules struct {
 	backend string
 	log     *slog.Logger
 
-	mu sync.Mutex
+	mu sync.Mutex // sets and resync
+	// want is what our chains hold right after the last install (as iptables-save shows them),
+	// per family and table; localCount the addresses last written to each set.
+	want       map[string][]string
+	localCount map[string]int
+	counters   runningCounters
+	local      []netip.Addr
+}
+
+type runningCounters struct {
+	Counters
+	prev map[string]uint64 // kernel counters at the last read, by rule comment
 }
 
 type family struct {
@@ -164,6 +187,20 @@ func Install(cfg Config) (*Rules, error) {
 	if _, err := exec.LookPath("ipset"); err != nil {
 		return nil, errors.New("rules: the ipset command is missing; install ipset (hack/deps.sh)")
 	}
+	if cfg.Mark == 0 {
+		cfg.Mark = DefaultMark
+	}
+	if cfg.Mark&(cfg.Mark-1) != 0 {
+		return nil, fmt.Errorf("rules: mark 0x%x must be a single bit", cfg.Mark)
+	}
+	if cfg.LockFile == "" {
+		cfg.LockFile = DefaultLockFile
+	}
+	for _, p := range cfg.PodInterfaces {
+		if !ifacePatternRE.MatchString(p) {
+			return nil, fmt.Errorf("rules: pod interface pattern %q: use an interface name of up to 15 characters, optionally ending in + (a prefix)", p)
+		}
+	}
 	be := Backend{cfg.Backend, "forced by configuration"}
 	switch be.Name {
 	case "":
@@ -176,21 +213,14 @@ func Install(cfg Config) (*Rules, error) {
 		return nil, fmt.Errorf("rules: unknown backend %q: use %s or %s", be.Name, BackendNFT, BackendLegacy)
 	}
 	backend := be.Name
-	unlock, err := lockRules()
+	r := &Rules{cfg: cfg, backend: backend, log: cfg.Log}
+	unlock, err := r.lock()
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-
-	r := &Rules{cfg: cfg, backend: backend, log: cfg.Log}
-	// The sets first: the rules refer to them by name and iptables refuses an unknown set.
-	if err := r.updateSets(cfg.LocalPods); err != nil {
+	if err := r.installLocked(cfg.LocalPods); err != nil {
 		return nil, err
-	}
-	for _, fam := range families(backend) {
-		if err := r.installFamily(fam); err != nil {
-			return nil, err
-		}
 	}
 	mode := "new-only"
 	if cfg.QueueAll {
@@ -199,86 +229,43 @@ func Install(cfg Config) (*Rules, error) {
 	cfg.Log.Info("kernel rules installed", "backend", backend, "why", be.Why,
 		"queue_num", cfg.Queues.First, "queues", cfg.Queues.Count, "fail_open", cfg.Queues.FailOpen,
 		"mode", mode, "judge_node", cfg.JudgeNode, "local_pods", len(cfg.LocalPods),
-		"offload", cfg.Offload != nil)
+		"offload", cfg.Offload != nil, "pod_interfaces", strings.Join(cfg.PodInterfaces, ","),
+		"admission_rate", cfg.Admission.Rate, "mark", fmt.Sprintf("0x%x", cfg.Mark))
 	return r, nil
+}
+
+var ifacePatternRE = regexp.MustCompile(`^[A-Za-z0-9_.:@-]{1,15}\+?$`)
+
+// installLocked writes the sets, then every table of every family, and remembers what our
+// chains hold for the resync to compare against.
+func (r *Rules) installLocked(local []netip.Addr) error {
+	// The sets first: the rules refer to them by name and iptables refuses an unknown set.
+	if err := r.updateSets(local); err != nil {
+		return err
+	}
+	want := map[string][]string{}
+	for _, fam := range families(r.backend) {
+		for _, table := range tables {
+			st, err := readTable(fam, table)
+			if err != nil {
+				return err
+			}
+			if err := restoreWith(r.backend, fam, r.script(fam, table, st)); err != nil {
+				return fmt.Errorf("rules: install %s %s rules with %s: %w", fam.name, table, fam.restore, err)
+			}
+			after, err := readTable(fam, table)
+			if err != nil {
+				return err
+			}
+			want[fam.name+" "+table] = after.ours
+		}
+	}
+	r.want = want
+	return nil
 }
 
 // Backend names the iptables flavour in use: "iptables-nft" or "iptables-legacy".
 func (r *Rules) Backend() string { return r.backend }
-
-func (r *Rules) installFamily(fam family) error {
-	state, err := readState(fam)
-	if err != nil {
-		return err
-	}
-	var b strings.Builder
-	b.WriteString("*filter\n")
-	for _, c := range []string{ChainForward, ChainInput, ChainOutput, ChainQueue} {
-		// Under --noflush, declaring a chain creates it, or empties it when it exists.
-		fmt.Fprintf(&b, ":%s - [0:0]\n", c)
-	}
-	set := fam.localSet
-	fmt.Fprintf(&b, "-A %s -m set --match-set %s src -j %s\n", ChainForward, set, ChainQueue)
-	fmt.Fprintf(&b, "-A %s -m set --match-set %s dst -j %s\n", ChainForward, set, ChainQueue)
-	if r.cfg.QueueAll && !r.cfg.JudgeNode {
-		// Replies to the node's own connections: OUTPUT does not show those connections to
-		// the agent, so it could not recognise their replies as such.
-		fmt.Fprintf(&b, "-A %s -m conntrack --ctdir REPLY -j RETURN\n", ChainInput)
-	}
-	fmt.Fprintf(&b, "-A %s -m set --match-set %s src -j %s\n", ChainInput, set, ChainQueue)
-	if r.cfg.JudgeNode {
-		fmt.Fprintf(&b, "-A %s -m set --match-set %s dst -j %s\n", ChainOutput, set, ChainQueue)
-	}
-	if fam.v6 {
-		// Neighbour discovery and router messages keep the link alive; never judge them.
-		for _, t := range []string{"router-solicitation", "router-advertisement", "neighbour-solicitation", "neighbour-advertisement", "redirect"} {
-			fmt.Fprintf(&b, "-A %s -p ipv6-icmp -m icmp6 --icmpv6-type %s -j RETURN\n", ChainQueue, t)
-		}
-	}
-	if !r.cfg.QueueAll {
-		fmt.Fprintf(&b, "-A %s -m conntrack ! --ctstate NEW -j RETURN\n", ChainQueue)
-	}
-	if o := r.cfg.Offload; o != nil {
-		allow, deny := o.Allow4, o.Deny4
-		if fam.v6 {
-			allow, deny = o.Allow6, o.Deny6
-		}
-		if allow != "" {
-			fmt.Fprintf(&b, "-A %s -m set --match-set %s src,dst,dst -j ACCEPT\n", ChainQueue, allow)
-		}
-		if deny != "" {
-			fmt.Fprintf(&b, "-A %s -m set --match-set %s src,dst,dst -j DROP\n", ChainQueue, deny)
-		}
-	}
-	fmt.Fprintf(&b, "-A %s -j NFQUEUE", ChainQueue)
-	if q := r.cfg.Queues; q.Count > 1 {
-		fmt.Fprintf(&b, " --queue-balance %d:%d", q.First, q.Last())
-	} else {
-		fmt.Fprintf(&b, " --queue-num %d", q.First)
-	}
-	if r.cfg.Queues.FailOpen {
-		b.WriteString(" --queue-bypass")
-	}
-	b.WriteString("\n")
-	for _, j := range []struct{ from, to string }{{"FORWARD", ChainForward}, {"INPUT", ChainInput}, {"OUTPUT", ChainOutput}} {
-		n := state.jumps[j.from+" "+j.to]
-		if n == 0 {
-			fmt.Fprintf(&b, "-I %s 1 -j %s\n", j.from, j.to)
-		}
-		for ; n > 1; n-- {
-			fmt.Fprintf(&b, "-D %s -j %s\n", j.from, j.to)
-		}
-	}
-	b.WriteString("COMMIT\n")
-	if err := r.restore(fam, b.String()); err != nil {
-		return fmt.Errorf("rules: install %s rules with %s: %w", fam.name, fam.restore, err)
-	}
-	return nil
-}
-
-func (r *Rules) restore(fam family, script string) error {
-	return restoreWith(r.backend, fam, script)
-}
 
 func restoreWith(backend string, fam family, script string) error {
 	args := []string{"--noflush"}
@@ -290,41 +277,6 @@ func restoreWith(backend string, fam family, script string) error {
 		return fmt.Errorf("%w\nscript:\n%s", err, script)
 	}
 	return nil
-}
-
-// ruleState is what iptables-save shows of our chains and jumps in the filter table.
-type ruleState struct {
-	chains []string       // SLUICE-* chains present
-	jumps  map[string]int // "FORWARD SLUICE-FORWARD" -> how many such jump rules
-	jumpLs []string       // the jump rules as "-A FROM ... -j SLUICE-X" lines
-}
-
-func readState(fam family) (ruleState, error) {
-	st := ruleState{jumps: map[string]int{}}
-	out, err := runCmd(nil, fam.save, "-t", "filter")
-	if err != nil {
-		return st, fmt.Errorf("rules: read %s rules with %s: %w", fam.name, fam.save, err)
-	}
-	sc := bufio.NewScanner(strings.NewReader(out))
-	for sc.Scan() {
-		line := sc.Text()
-		switch {
-		case strings.HasPrefix(line, ":"+chainPrefix):
-			st.chains = append(st.chains, strings.Fields(line[1:])[0])
-		case strings.HasPrefix(line, "-A "):
-			f := strings.Fields(line)
-			if len(f) < 2 || strings.HasPrefix(f[1], chainPrefix) {
-				continue
-			}
-			for i := 2; i+1 < len(f); i++ {
-				if (f[i] == "-j" || f[i] == "-g") && strings.HasPrefix(f[i+1], chainPrefix) {
-					st.jumps[f[1]+" "+f[i+1]]++
-					st.jumpLs = append(st.jumpLs, line)
-				}
-			}
-		}
-	}
-	return st, nil
 }
 
 // UpdateLocalPods atomically replaces the set of local pod addresses (one swap per family), so
@@ -366,6 +318,8 @@ func (r *Rules) updateSets(ips []netip.Addr) error {
 	if _, err := runCmd(strings.NewReader(b.String()), "ipset", "restore"); err != nil {
 		return fmt.Errorf("rules: update local pod sets %s/%s: %w", LocalSet4, LocalSet6, err)
 	}
+	r.localCount = map[string]int{LocalSet4: n4, LocalSet6: n6}
+	r.local = append(r.local[:0], ips...)
 	r.log.Debug("local pod sets updated", "ipv4", n4, "ipv6", n6)
 	return nil
 }
@@ -373,14 +327,16 @@ func (r *Rules) updateSets(ips []netip.Addr) error {
 // Remove deletes every rule, chain and local-pod set this Rules installed. Offload sets belong
 // to filter/offload: close it after Remove (a set still referenced by a rule can't be destroyed).
 func (r *Rules) Remove() error {
-	unlock, err := lockRules()
+	unlock, err := r.lock()
 	if err != nil {
 		return err
 	}
 	defer unlock()
 	var errs []error
 	for _, fam := range families(r.backend) {
-		errs = append(errs, removeFamily(r.backend, fam))
+		for _, table := range tables {
+			errs = append(errs, removeTable(r.backend, fam, table))
+		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return err
@@ -395,18 +351,19 @@ func (r *Rules) Remove() error {
 	return nil
 }
 
-// removeFamily deletes every jump to a SLUICE-* chain and every SLUICE-* chain in one commit.
-func removeFamily(backend string, fam family) error {
-	st, err := readState(fam)
+// removeTable deletes every jump to a SLUICE-* chain and every SLUICE-* chain of one table in
+// one commit.
+func removeTable(backend string, fam family, table string) error {
+	st, err := readTable(fam, table)
 	if err != nil {
 		return err
 	}
-	if len(st.chains) == 0 && len(st.jumpLs) == 0 {
+	if len(st.chains) == 0 && len(st.jumpLines) == 0 {
 		return nil
 	}
 	var b strings.Builder
-	b.WriteString("*filter\n")
-	for _, l := range st.jumpLs {
+	fmt.Fprintf(&b, "*%s\n", table)
+	for _, l := range st.jumpLines {
 		b.WriteString("-D" + strings.TrimPrefix(l, "-A") + "\n")
 	}
 	// Empty every chain first, then delete them: they reference one another.
@@ -418,7 +375,7 @@ func removeFamily(backend string, fam family) error {
 	}
 	b.WriteString("COMMIT\n")
 	if err := restoreWith(backend, fam, b.String()); err != nil {
-		return fmt.Errorf("rules: remove %s rules with %s: %w", fam.name, fam.restore, err)
+		return fmt.Errorf("rules: remove %s %s rules with %s: %w", fam.name, table, fam.restore, err)
 	}
 	return nil
 }
@@ -435,11 +392,14 @@ func destroySet(name string) error {
 // either backend: jumps to SLUICE-* chains, the chains, and every ipset named sluice-* (local pod
 // sets, and offload sets created with the "sluice" prefix). It is what `sluice agent --cleanup`
 // runs after a crash; running it with nothing installed is fine.
-func Cleanup(log *slog.Logger) error {
+func Cleanup(log *slog.Logger, lockFile string) error {
 	if log == nil {
 		log = slog.Default()
 	}
-	unlock, err := lockRules()
+	if lockFile == "" {
+		lockFile = DefaultLockFile
+	}
+	unlock, err := lockRules(lockFile)
 	if err != nil {
 		return err
 	}
@@ -451,16 +411,18 @@ func Cleanup(log *slog.Logger) error {
 			if _, err := exec.LookPath(fam.save); err != nil {
 				continue
 			}
-			st, err := readState(fam)
-			if err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			if len(st.chains) > 0 || len(st.jumpLs) > 0 {
-				found = true
-				log.Info("removing leftover sluice rules", "backend", backend, "family", fam.name,
-					"chains", len(st.chains), "jumps", len(st.jumpLs))
-				errs = append(errs, removeFamily(backend, fam))
+			for _, table := range tables {
+				st, err := readTable(fam, table)
+				if err != nil {
+					errs = append(errs, err)
+					continue
+				}
+				if len(st.chains) > 0 || len(st.jumpLines) > 0 {
+					found = true
+					log.Info("removing leftover sluice rules", "backend", backend, "family", fam.name,
+						"table", table, "chains", len(st.chains), "jumps", len(st.jumpLines))
+					errs = append(errs, removeTable(backend, fam, table))
+				}
 			}
 		}
 	}
@@ -491,7 +453,13 @@ func Cleanup(log *slog.Logger) error {
 // changes take milliseconds, so the wait is short even across network namespaces. Where the
 // lock file can't be created (a read-only /run in a container), changes go ahead unlocked: a
 // double start is then only as safe as iptables' own locking, which beats refusing to start.
-func lockRules() (func(), error) {
+func (r *Rules) lock() (func(), error) { return lockRules(r.cfg.LockFile) }
+
+func lockRules(lockFile string) (func(), error) {
+	if err := os.MkdirAll(filepath.Dir(lockFile), 0o700); err != nil {
+		slog.Default().Warn("rules: cannot create the lock file's directory; changing rules without it", "file", lockFile, "err", err)
+		return func() {}, nil
+	}
 	f, err := os.OpenFile(lockFile, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		slog.Default().Warn("rules: cannot open the lock file; changing rules without it", "file", lockFile, "err", err)

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -152,11 +153,15 @@ func TestRulesInstallTwiceRemove(t *testing.T) {
 					t.Errorf("%q appears %d times, want 2 (IPv4 and IPv6):\n%s", j, n, first)
 				}
 			}
-			if n := countLines(first, "-A SLUICE-QUEUE -j NFQUEUE --queue-balance 7:8 --queue-bypass"); n != 2 {
+			if n := countLines(first, `-A SLUICE-QUEUE -m comment --comment "sluice:queue" -j NFQUEUE --queue-balance 7:8 --queue-bypass`); n != 2 {
 				t.Errorf("NFQUEUE rule with balance 7:8 and bypass appears %d times, want 2:\n%s", n, first)
 			}
-			if !strings.Contains(first, "--match-set sluice-local6 dst") || !strings.Contains(first, "--ctstate NEW") {
+			// New-only: what conntrack holds skips the queue; NEW, INVALID and UNTRACKED do not.
+			if !strings.Contains(first, "--match-set sluice-local6 dst") || !strings.Contains(first, "--ctstate RELATED,ESTABLISHED -j RETURN") {
 				t.Errorf("IPv6 set match or NEW-only match missing:\n%s", first)
+			}
+			if strings.Contains(first, "UNTRACKED") || strings.Contains(first, "INVALID") || strings.Contains(first, "! --ctstate NEW") {
+				t.Errorf("untracked or invalid packets skip the queue:\n%s", first)
 			}
 
 			rl.install(t, cfg) // a restart, or a second agent on the same node
@@ -200,7 +205,7 @@ func TestCleanupAfterCrash(t *testing.T) {
 	if _, err := rl.NodeExec("ipset", "create", "other-set", "hash:ip"); err != nil {
 		t.Fatal(err)
 	}
-	if err := rl.Node().Do(func() error { return Cleanup(slog.New(slog.DiscardHandler)) }); err != nil {
+	if err := rl.Node().Do(func() error { return Cleanup(slog.New(slog.DiscardHandler), "") }); err != nil {
 		t.Fatal(err)
 	}
 	for _, backend := range []string{BackendNFT, BackendLegacy} {
@@ -216,7 +221,7 @@ func TestCleanupAfterCrash(t *testing.T) {
 		t.Errorf("after Cleanup want only other-set, have: %s", out)
 	}
 	// Nothing left: a second run is a no-op.
-	if err := rl.Node().Do(func() error { return Cleanup(slog.New(slog.DiscardHandler)) }); err != nil {
+	if err := rl.Node().Do(func() error { return Cleanup(slog.New(slog.DiscardHandler), "") }); err != nil {
 		t.Errorf("Cleanup with nothing installed: %v", err)
 	}
 }
@@ -382,5 +387,63 @@ func TestDetectBackendInFreshNamespace(t *testing.T) {
 	}
 	if _, err := exec.LookPath("iptables-legacy"); err != nil {
 		t.Fatal("iptables-legacy missing")
+	}
+}
+
+// Someone deletes sluice's jump, inserts a jump of their own above another, empties a set:
+// Resync notices each, puts everything back as Install wrote it, and then finds nothing wrong.
+func TestRulesResyncRepairs(t *testing.T) {
+	rl := newRulesLab(t)
+	r := rl.install(t, Config{Queues: queue.Spec{First: 31, Count: 1}, LocalPods: []netip.Addr{rB4, rB6},
+		PodInterfaces: []string{rl.PodInterfaces()}})
+	resync := func() []string {
+		t.Helper()
+		var got []string
+		if err := rl.Node().Do(func() (err error) { got, err = r.Resync(); return err }); err != nil {
+			t.Fatalf("Resync: %v", err)
+		}
+		return got
+	}
+	if got := resync(); got != nil {
+		t.Fatalf("right after Install, Resync found %v wrong", got)
+	}
+	installed := rl.save(t, r.Backend())
+	for _, step := range []struct {
+		name string
+		do   [][]string
+		want string
+	}{
+		{"jump deleted (a firewalld reload)", [][]string{{"iptables", "-D", "FORWARD", "-j", ChainForward}}, "IPv4 filter jumps"},
+		{"kube-proxy's jump prepended", [][]string{{"iptables", "-N", "KUBE-FORWARD"}, {"iptables", "-A", "KUBE-FORWARD", "-m", "mark", "--mark", "0x4000/0x4000", "-j", "ACCEPT"}, {"iptables", "-I", "FORWARD", "1", "-j", "KUBE-FORWARD"}}, "IPv4 filter jumps"},
+		{"chain flushed", [][]string{{"ip6tables", "-F", ChainQueue}}, "IPv6 filter chains"},
+		{"anti-spoofing jump deleted", [][]string{{"iptables", "-t", "raw", "-D", "PREROUTING", "-i", rl.PodInterfaces(), "-j", ChainAntispoof}}, "IPv4 raw jumps"},
+		{"local set emptied", [][]string{{"ipset", "flush", LocalSet4}}, "set " + LocalSet4},
+	} {
+		for _, args := range step.do {
+			if out, err := rl.NodeExec(args[0], args[1:]...); err != nil {
+				t.Fatalf("%s: %v: %s", step.name, err, out)
+			}
+		}
+		got := resync()
+		if !slices.Contains(got, step.want) {
+			t.Errorf("%s: Resync found %v, want %q among them", step.name, got, step.want)
+		}
+		if again := resync(); again != nil {
+			t.Errorf("%s: a second Resync still found %v wrong", step.name, again)
+		}
+	}
+	after := rl.save(t, r.Backend())
+	// The only difference allowed: kube-proxy's own chain, now below sluice's jump.
+	for _, l := range strings.Split(installed, "\n") {
+		if strings.Contains(l, "SLUICE") && !strings.Contains(after, l) {
+			t.Errorf("after the repairs %q is missing:\n%s", l, after)
+		}
+	}
+	if !strings.Contains(after, "-A FORWARD -j SLUICE-FORWARD\n-A FORWARD -j KUBE-FORWARD") {
+		t.Errorf("sluice's jump is not above KUBE-FORWARD after the repair:\n%s", after)
+	}
+	sets, _ := rl.NodeExec("ipset", "list", LocalSet4)
+	if !strings.Contains(sets, rB4.String()) {
+		t.Errorf("the emptied set was not refilled:\n%s", sets)
 	}
 }

@@ -465,7 +465,8 @@ type agentProc struct {
 
 func startAgent(lab *netlab.Lab, bin, state string, queueNum int) (*agentProc, error) {
 	p, err := agentproc.Start(lab.NodeCommand(bin, "agent", "--state", state, "--queue-num", fmt.Sprint(queueNum),
-		"--metrics-addr", agentproc.DefaultMetricsAddr, "--log-format", "json"))
+		"--metrics-addr", agentproc.DefaultMetricsAddr, "--log-format", "json",
+		"--pod-interfaces", lab.PodInterfaces()))
 	if err != nil {
 		return nil, err
 	}

@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -197,6 +198,15 @@ func newWorld(t *testing.T) *world {
 	return w
 }
 
+// podInterfaces lists the node side of the named hosts' veths, for --pod-interfaces.
+func (w *world) podInterfaces(hosts ...string) string {
+	var names []string
+	for _, h := range hosts {
+		names = append(names, w.hosts[h].Veth)
+	}
+	return strings.Join(names, ",")
+}
+
 // writeState replaces the state file atomically (as kubectl > tmp && mv would).
 func (w *world) writeState(policies ...string) {
 	w.t.Helper()
@@ -333,6 +343,11 @@ func (w *world) spawnAgent(args ...string) *agent {
 // spawnAgentEnv starts the agent with extra environment variables, without waiting.
 func (w *world) spawnAgentEnv(env []string, args ...string) *agent {
 	w.t.Helper()
+	// Every agent judges the lab's pod interfaces as a node's CNI would have them, unless the
+	// test says otherwise.
+	if !slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, "--pod-interfaces") }) {
+		args = append(args, "--pod-interfaces="+w.lab.PodInterfaces())
+	}
 	cmd := w.lab.NodeCommand(sluiceBin, append([]string{"agent"}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
 	p, err := agentproc.Start(cmd)

@@ -185,7 +185,10 @@ func TestNodeLocalPods(t *testing.T) {
 	w.nodes = map[string]string{"frontend": "node-a", "backend": "node-a", "database": "node-b",
 		"other": "node-b", "prometheus": "node-b", "coredns": "node-b", "decoy": "node-a"}
 	w.writeState(example(t, "default-deny-ingress.yaml"), example(t, "default-deny-egress.yaml"))
-	w.startAgent("--state", w.state, "--node", "node-a", "--fail-open=false")
+	// In the lab every pod hangs off the node namespace; on a real node only node-a's pods are
+	// on its pod interfaces, which is what the agent is told.
+	w.startAgent("--state", w.state, "--node", "node-a", "--fail-open=false",
+		"--pod-interfaces="+w.podInterfaces("frontend", "backend", "decoy"))
 	w.check([]flow{
 		deny("other", "backend", tcp, 8080),     // local destination isolated for ingress
 		deny("backend", "prometheus", tcp, 80),  // local source isolated for egress
