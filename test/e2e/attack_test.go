@@ -117,7 +117,13 @@ func (w *world) pkt(b []byte, err error) []byte {
 // capture records what arrives on a host's eth0 carrying tok.
 func (w *world) capture(host string, tok []byte) *netlab.Capture {
 	w.t.Helper()
-	c, err := w.hosts[host].Capture(func(p []byte) bool { return bytes.Contains(p, tok) })
+	return w.captureFunc(host, func(p []byte) bool { return bytes.Contains(p, tok) })
+}
+
+// captureFunc records what arrives on a host's eth0 and satisfies match.
+func (w *world) captureFunc(host string, match func([]byte) bool) *netlab.Capture {
+	w.t.Helper()
+	c, err := w.hosts[host].Capture(match)
 	if err != nil {
 		w.t.Fatal(err)
 	}
