@@ -219,7 +219,6 @@ func (w *world) sub(t *testing.T) *world {
 	return &c
 }
 
-
 // serveSlowEcho answers on port after delay: TCP echoes each read, UDP each datagram. A reply
 // that waits lets a test change the node (flush conntrack, flood) between a request and its
 // answer, so that the answer is the first packet the node sees afterwards.
