@@ -228,11 +228,7 @@ func (w *world) serveSlowEcho(host string, proto netlab.Proto, port uint16, dela
 	addr := fmt.Sprintf(":%d", port)
 	switch proto {
 	case tcp:
-		var ln net.Listener
-		if err := h.Do(func() (err error) { ln, err = net.Listen("tcp", addr); return err }); err != nil {
-			w.t.Fatal(err)
-		}
-		w.t.Cleanup(func() { ln.Close() })
+		ln := openIn(w, h, func() (net.Listener, error) { return net.Listen("tcp", addr) })
 		go func() {
 			for {
 				c, err := ln.Accept()
@@ -243,11 +239,7 @@ func (w *world) serveSlowEcho(host string, proto netlab.Proto, port uint16, dela
 			}
 		}()
 	case udp:
-		var pc net.PacketConn
-		if err := h.Do(func() (err error) { pc, err = net.ListenPacket("udp", addr); return err }); err != nil {
-			w.t.Fatal(err)
-		}
-		w.t.Cleanup(func() { pc.Close() })
+		pc := openIn(w, h, func() (net.PacketConn, error) { return net.ListenPacket("udp", addr) })
 		go func() {
 			buf := make([]byte, 1500)
 			for {
@@ -289,15 +281,19 @@ type udpClient struct {
 
 func (w *world) udpDial(from string, dst netip.AddrPort) *udpClient {
 	w.t.Helper()
-	var c *net.UDPConn
-	if err := w.hosts[from].Do(func() (err error) {
-		c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
-		return err
-	}); err != nil {
+	c := openIn(w, w.hosts[from], func() (*net.UDPConn, error) { return net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst)) })
+	return &udpClient{c, dst}
+}
+
+// openIn opens a socket inside a host's namespace, closed when the test ends.
+func openIn[T io.Closer](w *world, h *netlab.Host, open func() (T, error)) T {
+	w.t.Helper()
+	var v T
+	if err := h.Do(func() (err error) { v, err = open(); return err }); err != nil {
 		w.t.Fatal(err)
 	}
-	w.t.Cleanup(func() { c.Close() })
-	return &udpClient{c, dst}
+	w.t.Cleanup(func() { v.Close() })
+	return v
 }
 
 func (u *udpClient) send(msg []byte) error { _, err := u.c.Write(msg); return err }
