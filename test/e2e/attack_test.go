@@ -897,3 +897,36 @@ func TestAttackCutEstablished(t *testing.T) {
 		})
 	}
 }
+
+// Item 2, a pod not yet in any snapshot: its interface is a pod interface, but no policy
+// knows its address. Its traffic follows the fail mode: dropped both ways with
+// --fail-open=false, passing with --fail-open=true (the control).
+func TestAttackUnknownPod(t *testing.T) {
+	w := newWorld(t)
+	w.writeState(example(t, "default-deny-egress.yaml"))
+	h, err := w.lab.AddHost("newcomer", netip.MustParseAddr("10.244.1.50"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Serve(tcp, 80); err != nil {
+		t.Fatal(err)
+	}
+	w.hosts["newcomer"] = h
+	flows := func(want bool) []flow {
+		return []flow{
+			{from: "newcomer", to: "prometheus", proto: tcp, port: 9090, want: want},
+			{from: "prometheus", to: "newcomer", proto: tcp, port: 80, want: want},
+		}
+	}
+	for _, failOpen := range []bool{false, true} {
+		name := map[bool]string{false: "fail-closed: dropped", true: "control: fail-open passes"}[failOpen]
+		t.Run(name, func(t *testing.T) {
+			w := w.sub(t)
+			w.startAgent(w.agentArgs("--state", w.state, fmt.Sprintf("--fail-open=%v", failOpen), w.podIfaces())...)
+			w.check([]flow{allow("prometheus", "frontend", tcp, 80), deny("frontend", "prometheus", tcp, 9090)})
+			for _, f := range flows(failOpen) {
+				w.probeExpect(f)
+			}
+		})
+	}
+}
