@@ -24,7 +24,9 @@ func TestInjectAndCapture(t *testing.T) {
 	}
 	defer other.Close()
 	for _, build := range []func() ([]byte, error){
-		func() ([]byte, error) { return UDPPacket(netip.AddrPortFrom(forged, 4000), netip.AddrPortFrom(b4, 53), tok) },
+		func() ([]byte, error) {
+			return UDPPacket(netip.AddrPortFrom(forged, 4000), netip.AddrPortFrom(b4, 53), tok)
+		},
 		func() ([]byte, error) { return ICMPPacket(a6, b6, 100, 0, append(make([]byte, 4), tok...), 0) },
 		func() ([]byte, error) {
 			return Segment{Src: netip.AddrPortFrom(a4, 4000), Dst: netip.AddrPortFrom(b4, 80), ACK: true, MD5: true, Payload: tok}.Bytes()
