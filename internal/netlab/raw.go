@@ -36,17 +36,6 @@ func (h *Host) AddAddr(a netip.Addr) error {
 	return nil
 }
 
-// RouteToHost adds a node route for a towards h's veth. It stands for the way back a bridged
-// CNI gives any address a pod claims (the node's bridge resolves the pod CIDR by ARP, and the
-// pod answers for whatever it added to eth0), which a routed lab otherwise lacks.
-func (l *Lab) RouteToHost(a netip.Addr, h *Host) error {
-	a = a.Unmap()
-	if err := l.node.ipBatch(fmt.Sprintf("route add %s dev %s\n", netip.PrefixFrom(a, a.BitLen()), h.Veth)); err != nil {
-		return fmt.Errorf("netlab: route %s to %s: %w", a, h.Name, err)
-	}
-	return nil
-}
-
 // FlushConntrack empties the node's connection tracking table, as a conntrack-flushing
 // component (or a load test) would.
 func (l *Lab) FlushConntrack() error {
