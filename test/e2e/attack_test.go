@@ -599,7 +599,7 @@ func (w *world) floodAndProbe(denied, allowed netip.AddrPort) floodOutcome {
 			if exchange(w.hosts["other"], 0, denied, 1200*time.Millisecond) == nil {
 				o.deniedOK++
 			}
-			if i%4 == 0 {
+			if i%2 == 0 {
 				o.allowedTries++
 				if exchange(w.hosts["other"], 0, allowed, probeTimeout) == nil {
 					o.allowedOK++
