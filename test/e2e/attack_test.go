@@ -134,7 +134,7 @@ func (w *world) captureFunc(host string, match func([]byte) bool) *netlab.Captur
 // arrives reports whether a packet carrying the capture's token arrived within timeout.
 func arrives(c *netlab.Capture, timeout time.Duration) bool { return c.Wait(1, timeout) > 0 }
 
-const oneWayWait = 1500 * time.Millisecond
+const oneWayWait = time.Second
 
 // exchange connects from h (from local port lport, or any when 0) to dst, sends a byte and
 // reads it back. nil means the connection worked; a timeout means it was dropped; other errors
