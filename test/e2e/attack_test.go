@@ -17,48 +17,17 @@ import (
 	"math/big"
 	"net"
 	"net/netip"
-	"os/exec"
-	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/sluice-dev/sluice/internal/netlab"
 )
 
-// newAgentFlags are the flags of the defences of issues 12 and 13. On a binary that does not
-// know one yet, the flag is left out (and logged): a defended run then shows the attack the
-// defence exists for, and a control run (defence off) is what such a binary does anyway.
-var newAgentFlags = []string{"--pod-interfaces", "--admission-rate", "--admission-burst", "--resync-interval"}
-
-var agentHelp struct {
-	once sync.Once
-	text string
-}
-
-func agentKnows(flag string) bool {
-	agentHelp.once.Do(func() {
-		out, _ := exec.Command(sluiceBin, "agent", "--help").CombinedOutput()
-		agentHelp.text = string(out)
-	})
-	return strings.Contains(agentHelp.text, " "+flag+" ")
-}
-
-// agentArgs drops the new flags (given as --flag=value) this sluice does not know.
-func (w *world) agentArgs(args ...string) []string {
-	w.t.Helper()
-	var out []string
-	for _, a := range args {
-		name, _, _ := strings.Cut(a, "=")
-		if slices.Contains(newAgentFlags, name) && !agentKnows(name) {
-			w.t.Logf("this sluice has no %s flag: running without %q", name, a)
-			continue
-		}
-		out = append(out, a)
-	}
-	return out
-}
+// agentArgs are the agent's arguments for an attack test. (While the defences were being
+// written, it dropped the flags an older binary did not know, so that the same tests showed the
+// attacks working on it; every flag exists now.)
+func (w *world) agentArgs(args ...string) []string { return args }
 
 // podIfaces names the lab's pod veths (anti-spoofing on, for this lab); noAntiSpoof switches it
 // off.
