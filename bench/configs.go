@@ -28,6 +28,8 @@ const (
 	kBare
 	kIptables
 	kSluice
+	kCLoop // the C accept-all loop over libnetfilter_queue (bench/cnfqueue)
+	kNfq   // the Go accept-all loop over sluice's own reader (filter/nfq)
 )
 
 type config struct {
@@ -100,9 +102,22 @@ func (h *harness) start(ctx context.Context, c config) (*active, error) {
 		if err := h.restore(iptablesPolicies(c.Policies)); err != nil {
 			return nil, err
 		}
-	case kBare:
-		a.logPath = filepath.Join(h.tmp, "bare.log")
-		a.proc = h.inNetns(h.lab.Node().Netns, h.self, roleArg, "bare", "-queue-num", strconv.Itoa(firstQueue), "-queues", strconv.Itoa(c.Queues))
+	case kBare, kCLoop, kNfq:
+		qargs := []string{"-queue-num", strconv.Itoa(firstQueue), "-queues", strconv.Itoa(c.Queues)}
+		switch c.kind {
+		case kBare:
+			a.logPath = filepath.Join(h.tmp, "bare.log")
+			a.proc = h.inNetns(h.lab.Node().Netns, append([]string{h.self, roleArg, "bare"}, qargs...)...)
+		case kNfq:
+			a.logPath = filepath.Join(h.tmp, "bare-nfq.log")
+			a.proc = h.inNetns(h.lab.Node().Netns, append([]string{h.self, roleArg, "bare-nfq"}, qargs...)...)
+		case kCLoop:
+			if h.cloop == "" {
+				return nil, errors.New("the C loop did not build (see the notes)")
+			}
+			a.logPath = filepath.Join(h.tmp, "c-nfqueue.log")
+			a.proc = h.inNetns(h.lab.Node().Netns, append([]string{h.cloop}, qargs...)...)
+		}
 		if err := h.launch(a); err != nil {
 			return nil, err
 		}

@@ -30,6 +30,9 @@ type summary struct {
 	SluiceVsNoFilter    *float64           `json:"sluice_vs_no_filter"`
 	OffloadVsBare       *float64           `json:"sluice_offload_vs_bare_nfqueue"`
 	OffloadVsNoFilter   *float64           `json:"sluice_offload_vs_no_filter"`
+	SluiceVsC           *float64           `json:"sluice_vs_c_nfqueue"`
+	BareVsC             *float64           `json:"bare_vs_c_nfqueue"`
+	NfqVsC              *float64           `json:"bare_nfq_vs_c_nfqueue"`
 	Clients             int                `json:"clients"`
 	ConnPerS            map[string]float64 `json:"conn_per_s"`
 	AgentDecisionP99us  *float64           `json:"agent_decision_p99_us,omitempty"`
@@ -95,13 +98,17 @@ func (h *harness) summary() *summary {
 	bare := h.find("bare-nfqueue", "tcp", c, 0)
 	sl := h.find("sluice", "tcp", c, h.o.base)
 	off := h.find("sluice+offload", "tcp", c, h.o.base)
+	cl := h.find("c-nfqueue", "tcp", c, 0)
+	bnfq := h.find("bare-nfq", "tcp", c, 0)
 	s := &summary{
 		SluiceVsBare: ratio(sl, bare), SluiceVsNoFilter: ratio(sl, nf),
 		OffloadVsBare: ratio(off, bare), OffloadVsNoFilter: ratio(off, nf),
+		SluiceVsC: ratio(sl, cl), BareVsC: ratio(bare, cl), NfqVsC: ratio(bnfq, cl),
 		Clients: c, ConnPerS: map[string]float64{}, Runs: h.o.runs, DurationS: h.o.duration.Seconds(),
 		ElapsedS: math.Round(time.Since(h.started).Seconds()*10) / 10, Notes: h.notes,
 	}
-	for name, r := range map[string]*result{"no_filter": nf, "bare_nfqueue": bare, "sluice": sl, "sluice_offload": off} {
+	for name, r := range map[string]*result{"no_filter": nf, "bare_nfqueue": bare, "sluice": sl, "sluice_offload": off,
+		"c_nfqueue": cl, "bare_nfq": bnfq} {
 		if r != nil {
 			s.ConnPerS[name] = math.Round(r.stat(rate).med)
 		}
