@@ -110,6 +110,7 @@ func (h *harness) start(ctx context.Context, c config) (*active, error) {
 			a.proc = h.inNetns(h.lab.Node().Netns, append([]string{h.self, roleArg, "bare"}, qargs...)...)
 		case kNfq:
 			a.logPath = filepath.Join(h.tmp, "bare-nfq.log")
+			qargs = append(qargs, strings.Fields(h.o.nfqArgs)...)
 			a.proc = h.inNetns(h.lab.Node().Netns, append([]string{h.self, roleArg, "bare-nfq"}, qargs...)...)
 		case kCLoop:
 			if h.cloop == "" {

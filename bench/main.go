@@ -47,6 +47,7 @@ type options struct {
 	only      string
 	render    bool
 	agentEnv  string
+	nfqArgs   string
 	nice      int
 }
 
@@ -88,6 +89,7 @@ func main() {
 	flag.BoolVar(&o.pprof, "pprof", true, "profile the queue readers (agent: its /debug/pprof, else perf; bare loop: perf) at the top client count")
 	flag.StringVar(&o.only, "only", "", "run only the configurations whose label matches this regular expression")
 	flag.StringVar(&o.agentEnv, "agent-env", "", "extra environment for the agent, comma-separated KEY=VALUE (e.g. GOGC=400) to try runtime settings")
+	flag.StringVar(&o.nfqArgs, "nfq-args", "", "extra flags for the bare loop over filter/nfq, space-separated (e.g. \"-batch 1\" or \"-batch-verdict\") to compare its receive and verdict modes")
 	flag.IntVar(&o.nice, "nice", -5, "CPU priority (nice value) of every process under test; raised so other work on a shared machine disturbs the comparison less (0: leave as is)")
 	flag.BoolVar(&o.render, "render", false, "rewrite -out (and its plots) from the raw results.json beside it, without measuring (e.g. after editing ANALYSIS.md)")
 	flag.Parse()
