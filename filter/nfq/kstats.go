@@ -2,6 +2,7 @@ package nfq
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -12,7 +13,7 @@ import (
 type KernelStats struct {
 	Queue    uint16
 	PortID   uint32 // netlink port of the bound socket
-	Waiting  uint32 // packets waiting for a verdict now
+	Waiting  uint64 // packets waiting for a verdict now
 	CopyMode uint8
 	CopyLen  uint32
 	// QueueDropped counts packets that found the queue full (accepted instead with
@@ -24,13 +25,16 @@ type KernelStats struct {
 }
 
 // ReadKernelStats reads the counters of every queue bound in the calling thread's network
-// namespace.
+// namespace. A missing file (the module not loaded yet: no queue was ever bound) is no queues.
 func ReadKernelStats() ([]KernelStats, error) {
 	// thread-self: a thread that entered another namespace (netlab's Do) sees that one.
 	const path = "/proc/thread-self/net/netfilter/nfnetlink_queue"
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("read the kernel's queue counters: %w (is nfnetlink_queue loaded?)", err)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("read the kernel's queue counters: %w", err)
 	}
 	defer f.Close()
 	var out []KernelStats
@@ -48,7 +52,7 @@ func ReadKernelStats() ([]KernelStats, error) {
 			}
 			v[i] = x
 		}
-		out = append(out, KernelStats{Queue: uint16(v[0]), PortID: uint32(v[1]), Waiting: uint32(v[2]),
+		out = append(out, KernelStats{Queue: uint16(v[0]), PortID: uint32(v[1]), Waiting: v[2],
 			CopyMode: uint8(v[3]), CopyLen: uint32(v[4]), QueueDropped: v[5], UserDropped: v[6], IDSequence: uint32(v[7])})
 	}
 	return out, sc.Err()

@@ -62,8 +62,10 @@ const (
 	nlaTypeMask = 0x3fff
 
 	// verdictLen is the size of one encoded verdict message: header, nfgenmsg, one attribute
-	// holding nfqnl_msg_verdict_hdr.
-	verdictLen = nlmsgHdrLen + nfgenLen + attrHdrLen + 8
+	// holding nfqnl_msg_verdict_hdr; markLen, the NFQA_MARK attribute a verdict may carry.
+	verdictLen    = nlmsgHdrLen + nfgenLen + attrHdrLen + 8
+	markLen       = attrHdrLen + 4
+	maxVerdictLen = verdictLen + markLen
 )
 
 // Queue flags (NFQA_CFG_F_*).
@@ -105,7 +107,15 @@ type Packet struct {
 	CapLen  uint32
 	SkbInfo uint32 // SkbGSO, SkbCsumNotReady, SkbCsumNotVerified
 	Payload []byte
+
+	// The mark the verdict sets (SetMark); the packet keeps its own otherwise.
+	newMark uint32
+	setMark bool
 }
+
+// SetMark makes the verdict for p set the packet's mark to m (NFQA_MARK in the verdict), so
+// that rules after the queue, or a repeated hook, can tell the packet was judged.
+func (p *Packet) SetMark(m uint32) { p.newMark, p.setMark = m, true }
 
 var native = binary.NativeEndian
 
@@ -213,21 +223,31 @@ func putHeader(b []byte, length int, typ, flags uint16, seq uint32, queue uint16
 	binary.BigEndian.PutUint16(b[18:20], queue)
 }
 
-// putVerdict encodes one verdict message for packet id into b (at least verdictLen bytes) and
-// returns its length. With batch, the kernel applies the verdict to every packet of the queue
-// whose id is at most id (NFQNL_MSG_VERDICT_BATCH).
-func putVerdict(b []byte, queue uint16, id uint32, v Verdict, batch bool) int {
+// putVerdict encodes one verdict message for packet id into b (at least maxVerdictLen bytes)
+// and returns its length. With setMark it also sets the packet's mark. With batch, the kernel
+// applies the verdict (and mark) to every packet of the queue whose id is at most id
+// (NFQNL_MSG_VERDICT_BATCH).
+func putVerdict(b []byte, queue uint16, id uint32, v Verdict, batch, setMark bool, mark uint32) int {
 	typ := uint16(msgVerdict)
 	if batch {
 		typ = msgVerdictBatch
 	}
-	putHeader(b, verdictLen, typ, nlmFRequest, 0, queue)
+	n := verdictLen
+	if setMark {
+		n += markLen
+	}
+	putHeader(b, n, typ, nlmFRequest, 0, queue)
 	a := b[nlmsgHdrLen+nfgenLen:]
 	native.PutUint16(a[0:2], attrHdrLen+8)
 	native.PutUint16(a[2:4], attrVerdictHdr)
 	binary.BigEndian.PutUint32(a[4:8], uint32(v))
 	binary.BigEndian.PutUint32(a[8:12], id)
-	return verdictLen
+	if setMark {
+		native.PutUint16(a[12:14], markLen)
+		native.PutUint16(a[14:16], attrMark)
+		binary.BigEndian.PutUint32(a[16:20], mark)
+	}
+	return n
 }
 
 // configMsg is the one configuration message Open sends: bind the queue and set everything in

@@ -160,7 +160,7 @@ func TestSeveralMessagesInOneBuffer(t *testing.T) {
 
 func TestVerdictEncoding(t *testing.T) {
 	b := make([]byte, verdictLen)
-	if n := putVerdict(b, 100, 0x01020304, Accept, false); n != 32 {
+	if n := putVerdict(b, 100, 0x01020304, Accept, false, false, 0); n != 32 {
 		t.Fatalf("length %d", n)
 	}
 	// nlmsghdr (host order) | nfgenmsg | nlattr NFQA_VERDICT_HDR { be32 verdict, be32 id }
@@ -175,12 +175,23 @@ func TestVerdictEncoding(t *testing.T) {
 	if !bytes.Equal(b, want) {
 		t.Errorf("verdict\n got %s\nwant %s", hex.EncodeToString(b), hex.EncodeToString(want))
 	}
-	putVerdict(b, 7, 9, Drop, true)
+	putVerdict(b, 7, 9, Drop, true, false, 0)
 	if typ := binary.NativeEndian.Uint16(b[4:]); typ != 3<<8|3 {
 		t.Errorf("batch verdict type %#x", typ)
 	}
 	if v, id := binary.BigEndian.Uint32(b[24:]), binary.BigEndian.Uint32(b[28:]); v != 0 || id != 9 {
 		t.Errorf("batch verdict %d for id %d", v, id)
+	}
+	// With a mark: NFQA_MARK (3) follows the verdict header, and the length covers it.
+	m := make([]byte, maxVerdictLen)
+	if n := putVerdict(m, 7, 9, Repeat, false, true, 0x10203040); n != 40 || binary.NativeEndian.Uint32(m) != 40 {
+		t.Fatalf("verdict with mark: %d bytes, length field %d", n, binary.NativeEndian.Uint32(m))
+	}
+	if l, typ, mark := binary.NativeEndian.Uint16(m[32:]), binary.NativeEndian.Uint16(m[34:]), binary.BigEndian.Uint32(m[36:]); l != 8 || typ != 3 || mark != 0x10203040 {
+		t.Errorf("mark attribute len %d type %d mark %#x", l, typ, mark)
+	}
+	if v := binary.BigEndian.Uint32(m[24:]); v != 4 {
+		t.Errorf("verdict %d, want NF_REPEAT", v)
 	}
 }
 
@@ -239,13 +250,13 @@ func TestDecodeEncodeAllocatesNothing(t *testing.T) {
 	k, _ := samplePacket()
 	raw := k.bytes()
 	var p Packet
-	out := make([]byte, verdictLen)
+	out := make([]byte, maxVerdictLen)
 	allocs := testing.AllocsPerRun(1000, func() {
 		_, body, _, _ := nextMessage(raw)
 		if parsePacket(body, &p) != nil {
 			panic("parse")
 		}
-		putVerdict(out, p.Queue, p.ID, Accept, false)
+		putVerdict(out, p.Queue, p.ID, Accept, false, true, p.Mark|1)
 	})
 	if allocs != 0 {
 		t.Errorf("%.1f allocations per message", allocs)

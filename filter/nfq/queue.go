@@ -194,9 +194,9 @@ func (q *Queue) configure(c configMsg) error {
 			case msgPacket:
 				var p Packet
 				if parsePacket(body, &p) == nil {
-					var v [verdictLen]byte
-					putVerdict(v[:], p.Queue, p.ID, Repeat, false)
-					unix.Write(q.fd, v[:])
+					var v [maxVerdictLen]byte
+					n := putVerdict(v[:], p.Queue, p.ID, Repeat, false, false, 0)
+					unix.Write(q.fd, v[:n])
 				}
 			}
 		}
@@ -226,7 +226,7 @@ func (q *Queue) alloc() {
 	q.iov = make([]unix.Iovec, n)
 	q.names = make([]unix.RawSockaddrNetlink, n)
 	q.hdrs = make([]mmsghdr, n)
-	q.vbuf = make([]byte, n*verdictLen)
+	q.vbuf = make([]byte, n*maxVerdictLen)
 	for i := range n {
 		q.bufs[i] = make([]byte, size)
 		q.iov[i].Base = &q.bufs[i][0]
@@ -308,9 +308,11 @@ func (q *Queue) recv() (int, syscall.Errno) {
 // handle decodes the n messages just received, asks h for each packet's verdict and sends the
 // verdicts in one write.
 func (q *Queue) handle(n int, h Handler) {
-	nv := 0
+	nv, off := 0, 0
 	same := true
 	var first Verdict
+	var firstMark uint32
+	var firstSet bool
 	var lastID uint32
 	var queue uint16
 	for i := range n {
@@ -344,12 +346,12 @@ func (q *Queue) handle(n int, h Handler) {
 				q.stats.Packets.Add(1)
 				v := h(p)
 				if nv == 0 {
-					first = v
-				} else if v != first {
+					first, firstMark, firstSet = v, p.newMark, p.setMark
+				} else if v != first || p.setMark != firstSet || p.newMark != firstMark {
 					same = false
 				}
 				lastID, queue = p.ID, p.Queue
-				putVerdict(q.vbuf[nv*verdictLen:], p.Queue, p.ID, v, false)
+				off += putVerdict(q.vbuf[off:], p.Queue, p.ID, v, false, p.setMark, p.newMark)
 				nv++
 			case nlmsgError:
 				// A verdict the kernel refused (an unknown id, say) comes back as an error.
@@ -363,9 +365,9 @@ func (q *Queue) handle(n int, h Handler) {
 	if nv == 0 {
 		return
 	}
-	out := q.vbuf[:nv*verdictLen]
+	out := q.vbuf[:off]
 	if nv > 1 && same && q.cfg.BatchVerdict {
-		out = q.vbuf[:putVerdict(q.vbuf, queue, lastID, first, true)]
+		out = q.vbuf[:putVerdict(q.vbuf, queue, lastID, first, true, firstSet, firstMark)]
 	}
 	for {
 		_, _, e := unix.Syscall(unix.SYS_WRITE, uintptr(q.fd), uintptr(unsafe.Pointer(&out[0])), uintptr(len(out)))

@@ -603,3 +603,37 @@ func TestBindConflictAndCleanStop(t *testing.T) {
 	}
 	l.open(t, nfq.Config{Queue: 220})
 }
+
+// A verdict can set the packet's mark: NF_REPEAT with a mark bit runs the hook again, where
+// rules matching the bit apply (here one that drops port 81), and the packet is not queued a
+// second time.
+func TestRepeatWithMark(t *testing.T) {
+	l := newLab(t)
+	if err := l.b.ServeAll([]netlab.Proto{netlab.TCP}, 80, 81); err != nil {
+		t.Fatal(err)
+	}
+	l.rule(t, "-A FORWARD -m mark --mark 0x100/0x100 -p tcp --dport 81 -j DROP")
+	l.rule(t, "-A FORWARD -m mark --mark 0x100/0x100 -j ACCEPT")
+	l.rule(t, "-A FORWARD -p tcp -m conntrack --ctstate NEW -j NFQUEUE --queue-num 230")
+	q := l.open(t, nfq.Config{Queue: 230})
+	var judged, marked atomic.Uint64
+	serve(q, func(p *nfq.Packet) nfq.Verdict {
+		judged.Add(1)
+		if p.Mark&0x100 != 0 {
+			marked.Add(1) // a packet already judged came back: the mark did not stick
+		}
+		p.SetMark(p.Mark | 0x100)
+		return nfq.Repeat
+	})
+	for i := 0; i < 5; i++ {
+		if !l.probe(t, 80) {
+			t.Fatal("port 80: the repeated, marked SYN did not get through")
+		}
+	}
+	if l.probe(t, 81) {
+		t.Error("port 81: the rule after the verdict (mark and port 81: DROP) did not apply")
+	}
+	if n := judged.Load(); n < 6 || n > 8 || marked.Load() != 0 {
+		t.Errorf("handler saw %d packets (%d already marked) for 6 connections", n, marked.Load())
+	}
+}

@@ -1,0 +1,219 @@
+package queue
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-dev/sluice/filter"
+	"github.com/sluice-dev/sluice/internal/netlab"
+	"github.com/sluice-dev/sluice/policy"
+)
+
+// The agent's whole packet path on a real queue: the reader (filter/nfq), the filter's judge
+// (decode, flow cache, return table, the compiled snapshot) and its counters, fed by real
+// datagrams forwarded through a lab node's NFQUEUE rule.
+
+const pathState = `
+apiVersion: v1
+kind: Namespace
+metadata: {name: app}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: app, labels: {role: client}}
+spec: {containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.78.1.2, podIPs: [{ip: 10.78.1.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: app, labels: {role: server}}
+spec: {containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.78.2.2, podIPs: [{ip: 10.78.2.2}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-udp-9999, namespace: app}
+spec:
+  podSelector: {matchLabels: {role: server}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+    ports: [{protocol: UDP, port: 9999}]
+`
+
+var (
+	clientIP = netip.MustParseAddr("10.78.1.2")
+	serverIP = netip.MustParseAddr("10.78.2.2")
+)
+
+// sink counts the datagrams reaching port on h, without allocating.
+func sink(t *testing.T, h *netlab.Host, port int) *atomic.Uint64 {
+	t.Helper()
+	var fd int
+	if err := h.Do(func() (err error) {
+		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
+			return err
+		}
+		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
+		return unix.Bind(fd, &unix.SockaddrInet4{Port: port})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var n atomic.Uint64
+	var stop atomic.Bool
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 2048)
+		for !stop.Load() {
+			if _, err := unix.Read(fd, buf); err != nil && err != unix.EINTR {
+				return
+			}
+			if !stop.Load() {
+				n.Add(1)
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		stop.Store(true)
+		unix.Shutdown(fd, unix.SHUT_RDWR)
+		<-done
+		unix.Close(fd)
+	})
+	return &n
+}
+
+func sender(t *testing.T, h *netlab.Host, port int) int {
+	t.Helper()
+	var fd int
+	if err := h.Do(func() (err error) {
+		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
+			return err
+		}
+		return unix.Connect(fd, &unix.SockaddrInet4{Port: port, Addr: serverIP.As4()})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return fd
+}
+
+func TestWholePathAllocatesNothingPerPacket(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: network namespaces, iptables and NFQUEUE")
+	}
+	if _, err := exec.LookPath("iptables"); err != nil {
+		t.Skip("iptables is missing: run hack/deps.sh")
+	}
+	l := netlab.NewT(t)
+	cli, err := l.AddHost("client", clientIP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := l.AddHost("server", serverIP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := l.NodeExec("iptables", strings.Fields("-A FORWARD -p udp -j NFQUEUE --queue-num 240")...); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	st, _, err := policy.Load(strings.NewReader(pathState), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap, err := policy.Compile(st, policy.Options{Generation: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.DiscardHandler)
+	eng := filter.NewEngine(filter.Config{Log: log})
+	eng.Publish(snap)
+	q, err := New(Config{Spec: Spec{First: 240, Count: 1},
+		Handler: func(n uint16) Handler { return eng.NewPath(n) }, Log: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var done <-chan struct{}
+	if err := l.Node().Do(func() (err error) { done, err = q.Run(ctx); return err }); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	defer func() { cancel(); <-done }()
+	go eng.RunLog(ctx)
+
+	allowed, denied := sink(t, srv, 9999), sink(t, srv, 9998)
+	fa, fd := sender(t, cli, 9999), sender(t, cli, 9998)
+	payload := make([]byte, 64)
+	// The denied port first: the path really judges (the sink sees nothing, the drops are
+	// counted), and its one log line is written before the measurement.
+	for i := 0; i < 50; i++ {
+		unix.Write(fd, payload)
+	}
+	var sent uint64
+	send := func(n int) {
+		for i := 0; i < n; i++ {
+			// At most 512 in flight: every datagram takes the round trip through the agent.
+			for sent > allowed.Load()+512 {
+				time.Sleep(100 * time.Microsecond)
+			}
+			unix.Write(fa, payload)
+			sent++
+		}
+	}
+	send(1000) // warm-up: the flow cache, the return table, the reader's thread
+	waitFor := func(want uint64) bool {
+		for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+			if allowed.Load() >= want {
+				return true
+			}
+		}
+		return false
+	}
+	if !waitFor(1000) {
+		t.Fatalf("warm-up: %d of 1000 allowed datagrams arrived", allowed.Load())
+	}
+	const n = 10000
+	before0 := eng.Counters()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	send(n)
+	ok := waitFor(1000 + n)
+	runtime.ReadMemStats(&after)
+	if !ok {
+		t.Fatalf("%d of %d allowed datagrams arrived", allowed.Load()-1000, n)
+	}
+	mallocs := after.Mallocs - before.Mallocs
+	c := eng.Counters()
+	var judged uint64
+	for v := range c.Packets {
+		for r := range c.Packets[v] {
+			judged += c.Packets[v][r] - before0.Packets[v][r]
+		}
+	}
+	t.Logf("%d datagrams judged by the whole path, %d mallocs in the whole process", judged, mallocs)
+	if judged < n {
+		t.Errorf("the path judged %d packets, want at least %d", judged, n)
+	}
+	// One allocation per packet would be 10000; the tolerance (1 per 100 packets) leaves room
+	// for the runtime's and the test's own background work, two orders of magnitude below.
+	if mallocs > n/100 {
+		t.Errorf("%d mallocs for %d packets (%.3f per packet)", mallocs, n, float64(mallocs)/n)
+	}
+	if got := denied.Load(); got != 0 {
+		t.Errorf("%d datagrams to the denied port got through", got)
+	}
+	if c.Packet(filter.Drop, filter.ReasonIngressDenied) < 50 {
+		t.Errorf("drops counted: %d, want 50", c.Packet(filter.Drop, filter.ReasonIngressDenied))
+	}
+}
