@@ -298,9 +298,9 @@ func (c configMsg) encode() []byte {
 func (c configMsg) String() string {
 	switch {
 	case c.cmd == cmdBind:
-		return fmt.Sprintf("bind queue %d (copy %d bytes, max length %d, flags %#x)", c.queue, c.copyRange, c.maxQueueLen, c.flags)
+		return fmt.Sprintf("bind NFQUEUE %d (copy %d bytes, max length %d, flags %#x)", c.queue, c.copyRange, c.maxQueueLen, c.flags)
 	case c.cmd == cmdUnbind:
-		return fmt.Sprintf("unbind queue %d", c.queue)
+		return fmt.Sprintf("unbind NFQUEUE %d", c.queue)
 	}
-	return fmt.Sprintf("configure queue %d", c.queue)
+	return fmt.Sprintf("configure NFQUEUE %d", c.queue)
 }

@@ -124,7 +124,7 @@ func Open(cfg Config) (*Queue, error) {
 	}
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
 	if err != nil {
-		return nil, fmt.Errorf("netlink socket: %w", err)
+		return nil, fmt.Errorf("NFQUEUE %d: netlink socket: %w (needs root or CAP_NET_ADMIN)", cfg.Queue, err)
 	}
 	q := &Queue{cfg: cfg, fd: fd, served: make(chan struct{})}
 	if err := q.setup(); err != nil {
@@ -137,21 +137,21 @@ func Open(cfg Config) (*Queue, error) {
 
 func (q *Queue) setup() error {
 	if err := unix.Bind(q.fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return fmt.Errorf("bind netlink socket: %w", err)
+		return fmt.Errorf("NFQUEUE %d: bind the netlink socket: %w", q.cfg.Queue, err)
 	}
 	if err := unix.SetsockoptInt(q.fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, q.cfg.ReadBuffer); err != nil {
 		if err := unix.SetsockoptInt(q.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, q.cfg.ReadBuffer); err != nil {
-			return fmt.Errorf("set the receive buffer to %d bytes: %w", q.cfg.ReadBuffer, err)
+			return fmt.Errorf("NFQUEUE %d: set the receive buffer to %d bytes: %w", q.cfg.Queue, q.cfg.ReadBuffer, err)
 		}
 	}
 	if !q.cfg.ReportENOBUFS {
 		if err := unix.SetsockoptInt(q.fd, unix.SOL_NETLINK, unix.NETLINK_NO_ENOBUFS, 1); err != nil {
-			return fmt.Errorf("set NETLINK_NO_ENOBUFS: %w", err)
+			return fmt.Errorf("NFQUEUE %d: set NETLINK_NO_ENOBUFS: %w", q.cfg.Queue, err)
 		}
 	}
 	tv := unix.NsecToTimeval(q.cfg.StopLatency.Nanoseconds())
 	if err := unix.SetsockoptTimeval(q.fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		return fmt.Errorf("set the receive timeout: %w", err)
+		return fmt.Errorf("NFQUEUE %d: set the receive timeout: %w", q.cfg.Queue, err)
 	}
 	return q.configure(configMsg{queue: q.cfg.Queue, seq: 1, cmd: cmdBind, setParams: true,
 		copyRange: q.cfg.CopyRange, maxQueueLen: q.cfg.MaxQueueLen, flags: q.cfg.Flags})

@@ -224,7 +224,7 @@ func (w *worker) open() error {
 		},
 	})
 	if err != nil {
-		return fmt.Errorf("open NFQUEUE %d: %w", w.queue, err)
+		return err // it names the queue and what to do
 	}
 	w.nf = nf
 	w.progress.Store(time.Now().UnixNano())
