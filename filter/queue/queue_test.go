@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-dev/sluice/filter"
@@ -124,8 +125,12 @@ func TestWholePathAllocatesNothingPerPacket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if out, err := l.NodeExec("iptables", strings.Fields("-A FORWARD -p udp -j NFQUEUE --queue-num 240")...); err != nil {
-		t.Fatalf("%v: %s", err, out)
+	// As the agent's rules do: a packet judged and given back with the pass mark (NF_REPEAT)
+	// leaves the queue rule behind on its second pass.
+	for _, r := range []string{"-A FORWARD -m mark --mark 0x400000/0x400000 -j ACCEPT", "-A FORWARD -p udp -j NFQUEUE --queue-num 240"} {
+		if out, err := l.NodeExec("iptables", strings.Fields(r)...); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
 	}
 	st, _, err := policy.Load(strings.NewReader(pathState), "test")
 	if err != nil {
@@ -138,7 +143,7 @@ func TestWholePathAllocatesNothingPerPacket(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	eng := filter.NewEngine(filter.Config{Log: log})
 	eng.Publish(snap)
-	q, err := New(Config{Spec: Spec{First: 240, Count: 1},
+	q, err := New(Config{Spec: Spec{First: 240, Count: 1}, Mark: 0x400000,
 		Handler: func(n uint16) Handler { return eng.NewPath(n) }, Log: log})
 	if err != nil {
 		t.Fatal(err)
@@ -212,6 +217,11 @@ func TestWholePathAllocatesNothingPerPacket(t *testing.T) {
 	}
 	if got := denied.Load(); got != 0 {
 		t.Errorf("%d datagrams to the denied port got through", got)
+	}
+	var loops dto.Metric
+	q.m.markLoops.Write(&loops)
+	if n := loops.GetCounter().GetValue(); n != 0 {
+		t.Errorf("%v packets came back with the pass mark", n)
 	}
 	if c.Packet(filter.Drop, filter.ReasonIngressDenied) < 50 {
 		t.Errorf("drops counted: %d, want 50", c.Packet(filter.Drop, filter.ReasonIngressDenied))
