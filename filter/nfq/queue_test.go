@@ -7,8 +7,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
-	"os/exec"
 	"runtime"
 	"strings"
 	"sync/atomic"
@@ -18,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-dev/sluice/filter/nfq"
+	"github.com/sluice-dev/sluice/filter/nfq/nfqtest"
 	"github.com/sluice-dev/sluice/internal/netlab"
 )
 
@@ -37,12 +36,7 @@ type lab struct {
 
 func newLab(t *testing.T) *lab {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: network namespaces, iptables and NFQUEUE")
-	}
-	if _, err := exec.LookPath("iptables"); err != nil {
-		t.Skip("iptables is missing: run hack/deps.sh")
-	}
+	nfqtest.RequireLab(t)
 	l := netlab.NewT(t)
 	a, err := l.AddHost("pod-a", podA)
 	if err != nil {
@@ -91,65 +85,6 @@ func dstPort(p *nfq.Packet) uint16 {
 		return 0
 	}
 	return binary.BigEndian.Uint16(b[ihl+2:])
-}
-
-// udpSender is a connected UDP socket in host h; writes go through the node.
-func udpSender(t *testing.T, h *netlab.Host, dst netip.Addr, port int) int {
-	t.Helper()
-	var fd int
-	err := h.Do(func() (err error) {
-		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-			return err
-		}
-		return unix.Connect(fd, &unix.SockaddrInet4{Port: port, Addr: dst.As4()})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	return fd
-}
-
-// udpSink counts the datagrams that reach port on host h. Its reader allocates nothing, so
-// the allocation test can count the process's mallocs around a run.
-func udpSink(t *testing.T, h *netlab.Host, port int) *atomic.Uint64 {
-	t.Helper()
-	var fd int
-	err := h.Do(func() (err error) {
-		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-			return err
-		}
-		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
-		return unix.Bind(fd, &unix.SockaddrInet4{Port: port})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n atomic.Uint64
-	var stop atomic.Bool
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 2048)
-		for !stop.Load() {
-			if _, err := unix.Read(fd, buf); err != nil {
-				if err == unix.EINTR {
-					continue
-				}
-				return
-			}
-			if !stop.Load() {
-				n.Add(1)
-			}
-		}
-	}()
-	t.Cleanup(func() {
-		stop.Store(true)
-		unix.Shutdown(fd, unix.SHUT_RDWR) // wakes the blocked read (it returns 0)
-		<-done
-		unix.Close(fd)
-	})
-	return &n
 }
 
 // waitFor polls cond for up to d (bounded waits, no timing assertions).
@@ -235,8 +170,8 @@ func TestServeAllocatesNothingPerPacket(t *testing.T) {
 				judged.Add(1)
 				return nfq.Accept
 			})
-			sink := udpSink(t, l.b, 9999)
-			fd := udpSender(t, l.a, podB, 9999)
+			sink := nfqtest.Sink(t, l.b, 9999)
+			fd := nfqtest.Sender(t, l.a, podB, 9999)
 			payload := make([]byte, 64)
 			var sent uint64
 			send := func(n int) {
@@ -289,8 +224,8 @@ func TestServeAllocatesNothingPerPacket(t *testing.T) {
 func TestFailOpenWhenQueueFull(t *testing.T) {
 	l := newLab(t)
 	l.rule(t, "-A FORWARD -p udp --dport 9998 -j NFQUEUE --queue-num 202")
-	sink := udpSink(t, l.b, 9998)
-	fd := udpSender(t, l.a, podB, 9998)
+	sink := nfqtest.Sink(t, l.b, 9998)
+	fd := nfqtest.Sender(t, l.a, podB, 9998)
 	for _, failOpen := range []bool{false, true} {
 		t.Run(fmt.Sprintf("fail-open=%v", failOpen), func(t *testing.T) {
 			var flags uint32
@@ -395,32 +330,16 @@ func TestBypassWithoutReader(t *testing.T) {
 // GSO on a veth.
 func TestGSO(t *testing.T) {
 	l := newLab(t)
-	var lnFd int
-	if err := l.b.Do(func() (err error) {
-		if lnFd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err != nil {
-			return err
-		}
-		if err = unix.Bind(lnFd, &unix.SockaddrInet4{Port: 5001}); err != nil {
-			return err
-		}
-		return unix.Listen(lnFd, 16)
-	}); err != nil {
-		t.Fatal(err)
-	}
-	f := os.NewFile(uintptr(lnFd), "listener")
-	ln, err := net.FileListener(f)
-	f.Close()
-	if err != nil {
+	var ln net.Listener
+	if err := l.b.Do(func() (err error) { ln, err = net.Listen("tcp4", ":5001"); return err }); err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
+	// The transfers run one after the other: one reader drains them in turn.
 	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(io.Discard, c); c.Close() }()
+		for c, err := ln.Accept(); err == nil; c, err = ln.Accept() {
+			io.Copy(io.Discard, c)
+			c.Close()
 		}
 	}()
 	l.rule(t, "-A OUTPUT -p tcp --dport 5001 -j NFQUEUE --queue-num 205")
@@ -479,8 +398,8 @@ func TestOverrunsAreCounted(t *testing.T) {
 	l := newLab(t)
 	l.rule(t, "-A FORWARD -p udp --dport 9997 -j NFQUEUE --queue-num 206")
 	// A listener, so that no ICMP port unreachable makes the connected sender's next write fail.
-	udpSink(t, l.b, 9997)
-	fd := udpSender(t, l.a, podB, 9997)
+	nfqtest.Sink(t, l.b, 9997)
+	fd := nfqtest.Sender(t, l.a, podB, 9997)
 	for _, report := range []bool{true, false} {
 		t.Run(fmt.Sprintf("report=%v", report), func(t *testing.T) {
 			q := l.open(t, nfq.Config{Queue: 206, ReportENOBUFS: report, ReadBuffer: 16 << 10, Batch: 1})

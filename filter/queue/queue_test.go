@@ -4,11 +4,8 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
-	"os"
-	"os/exec"
 	"runtime"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-dev/sluice/filter"
+	"github.com/sluice-dev/sluice/filter/nfq/nfqtest"
 	"github.com/sluice-dev/sluice/internal/netlab"
 	"github.com/sluice-dev/sluice/policy"
 )
@@ -57,65 +55,8 @@ var (
 	serverIP = netip.MustParseAddr("10.78.2.2")
 )
 
-// sink counts the datagrams reaching port on h, without allocating.
-func sink(t *testing.T, h *netlab.Host, port int) *atomic.Uint64 {
-	t.Helper()
-	var fd int
-	if err := h.Do(func() (err error) {
-		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-			return err
-		}
-		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
-		return unix.Bind(fd, &unix.SockaddrInet4{Port: port})
-	}); err != nil {
-		t.Fatal(err)
-	}
-	var n atomic.Uint64
-	var stop atomic.Bool
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 2048)
-		for !stop.Load() {
-			if _, err := unix.Read(fd, buf); err != nil && err != unix.EINTR {
-				return
-			}
-			if !stop.Load() {
-				n.Add(1)
-			}
-		}
-	}()
-	t.Cleanup(func() {
-		stop.Store(true)
-		unix.Shutdown(fd, unix.SHUT_RDWR)
-		<-done
-		unix.Close(fd)
-	})
-	return &n
-}
-
-func sender(t *testing.T, h *netlab.Host, port int) int {
-	t.Helper()
-	var fd int
-	if err := h.Do(func() (err error) {
-		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-			return err
-		}
-		return unix.Connect(fd, &unix.SockaddrInet4{Port: port, Addr: serverIP.As4()})
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	return fd
-}
-
 func TestWholePathAllocatesNothingPerPacket(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: network namespaces, iptables and NFQUEUE")
-	}
-	if _, err := exec.LookPath("iptables"); err != nil {
-		t.Skip("iptables is missing: run hack/deps.sh")
-	}
+	nfqtest.RequireLab(t)
 	l := netlab.NewT(t)
 	cli, err := l.AddHost("client", clientIP)
 	if err != nil {
@@ -157,8 +98,8 @@ func TestWholePathAllocatesNothingPerPacket(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	go eng.RunLog(ctx)
 
-	allowed, denied := sink(t, srv, 9999), sink(t, srv, 9998)
-	fa, fd := sender(t, cli, 9999), sender(t, cli, 9998)
+	allowed, denied := nfqtest.Sink(t, srv, 9999), nfqtest.Sink(t, srv, 9998)
+	fa, fd := nfqtest.Sender(t, cli, serverIP, 9999), nfqtest.Sender(t, cli, serverIP, 9998)
 	payload := make([]byte, 64)
 	// The denied port first: the path really judges (the sink sees nothing, the drops are
 	// counted), and its one log line is written before the measurement.
