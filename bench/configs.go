@@ -260,9 +260,15 @@ func (h *harness) stop(a *active) {
 			<-a.exited
 		}
 		if a.cfg.kind == kSluice {
-			// The agent promises to remove every rule it installed; note it when it does not.
+			// The agent runs fail-closed here, and a fail-closed agent leaves its rules in force
+			// for the next one to adopt: remove them (and its sets) as an operator would, so
+			// that no configuration measures through another's rules. Note it when that fails.
+			cmd := h.inNetns(h.lab.Node().Netns, h.sluice, "agent", "--cleanup")
+			if out, err := cmd.CombinedOutput(); err != nil {
+				h.note("sluice agent --cleanup after %s failed: %v: %s", a.cfg.Name, err, firstLines(string(out), 3))
+			}
 			if h.nodeHasQueueRule() {
-				h.note("sluice agent left NFQUEUE rules behind after SIGTERM (%s)", a.cfg.Name)
+				h.note("NFQUEUE rules left behind after stopping %s and sluice agent --cleanup", a.cfg.Name)
 			}
 		}
 	}
