@@ -46,13 +46,14 @@ func TestQuickSmoke(t *testing.T) {
 	if err := json.Unmarshal(line, &got); err != nil {
 		t.Fatalf("JSON line does not parse: %v\n%s", err, line)
 	}
-	for _, k := range []string{"sluice_vs_bare_nfqueue", "sluice_vs_no_filter"} {
+	for _, k := range []string{"sluice_vs_bare_nfqueue", "sluice_vs_no_filter", "sluice_offload_vs_no_filter",
+		"sluice_vs_c_nfqueue", "bare_vs_c_nfqueue"} {
 		if _, ok := got[k]; !ok {
 			t.Errorf("JSON line lacks %q: %s", k, line)
 		}
 	}
 	rates, _ := got["conn_per_s"].(map[string]any)
-	for _, k := range []string{"no_filter", "bare_nfqueue"} {
+	for _, k := range []string{"no_filter", "bare_nfqueue", "c_nfqueue", "bare_nfq"} {
 		if v, _ := rates[k].(float64); v <= 0 {
 			t.Errorf("conn_per_s.%s = %v, want a positive rate: %s", k, rates[k], line)
 		}
@@ -66,7 +67,11 @@ func TestQuickSmoke(t *testing.T) {
 			t.Errorf("the agent exists but conn_per_s.%s = %v: %s", k, rates[k], line)
 		}
 	}
-	for k, p := range map[string]*float64{"sluice_vs_bare_nfqueue": sum.SluiceVsBare, "sluice_vs_no_filter": sum.SluiceVsNoFilter} {
+	if sum.BareVsC == nil || *sum.BareVsC <= 0 {
+		t.Errorf("bare_vs_c_nfqueue is %v, want a positive ratio: %s", sum.BareVsC, line)
+	}
+	for k, p := range map[string]*float64{"sluice_vs_bare_nfqueue": sum.SluiceVsBare, "sluice_vs_no_filter": sum.SluiceVsNoFilter,
+		"sluice_vs_c_nfqueue": sum.SluiceVsC} {
 		if p == nil || *p <= 0 {
 			t.Errorf("%s is %v, want a positive ratio: %s", k, p, line)
 		}

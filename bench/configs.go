@@ -28,6 +28,8 @@ const (
 	kBare
 	kIptables
 	kSluice
+	kCLoop // the C accept-all loop over libnetfilter_queue (bench/cnfqueue)
+	kNfq   // the Go accept-all loop over sluice's own reader (filter/nfq)
 )
 
 type config struct {
@@ -100,9 +102,23 @@ func (h *harness) start(ctx context.Context, c config) (*active, error) {
 		if err := h.restore(iptablesPolicies(c.Policies)); err != nil {
 			return nil, err
 		}
-	case kBare:
-		a.logPath = filepath.Join(h.tmp, "bare.log")
-		a.proc = h.inNetns(h.lab.Node().Netns, h.self, roleArg, "bare", "-queue-num", strconv.Itoa(firstQueue), "-queues", strconv.Itoa(c.Queues))
+	case kBare, kCLoop, kNfq:
+		qargs := []string{"-queue-num", strconv.Itoa(firstQueue), "-queues", strconv.Itoa(c.Queues)}
+		switch c.kind {
+		case kBare:
+			a.logPath = filepath.Join(h.tmp, "bare.log")
+			a.proc = h.inNetns(h.lab.Node().Netns, append([]string{h.self, roleArg, "bare"}, qargs...)...)
+		case kNfq:
+			a.logPath = filepath.Join(h.tmp, "bare-nfq.log")
+			qargs = append(qargs, strings.Fields(h.o.nfqArgs)...)
+			a.proc = h.inNetns(h.lab.Node().Netns, append([]string{h.self, roleArg, "bare-nfq"}, qargs...)...)
+		case kCLoop:
+			if h.cloop == "" {
+				return nil, errors.New("the C loop did not build (see the notes)")
+			}
+			a.logPath = filepath.Join(h.tmp, "c-nfqueue.log")
+			a.proc = h.inNetns(h.lab.Node().Netns, append([]string{h.cloop}, qargs...)...)
+		}
 		if err := h.launch(a); err != nil {
 			return nil, err
 		}
@@ -129,7 +145,11 @@ func (h *harness) start(ctx context.Context, c config) (*active, error) {
 			"--queues", strconv.Itoa(c.Queues), "--mode", c.Mode, "--metrics-addr", a.metrics,
 			// Like the bare loop: a full queue drops, so every packet counted went through
 			// the reader. New TCP connections never fill it (one SYN per client in flight).
-			"--fail-open=false"}
+			"--fail-open=false",
+			// Off: every client pod here opens more connections per second than the default
+			// per-source admission limit (2000 packets/s) lets into the queue, and the benchmark
+			// measures the queue path, not that defence (which drops the excess by design).
+			"--admission-rate=0"}
 		if c.Offload {
 			args = append(args, "--offload")
 		}
@@ -244,9 +264,15 @@ func (h *harness) stop(a *active) {
 			<-a.exited
 		}
 		if a.cfg.kind == kSluice {
-			// The agent promises to remove every rule it installed; note it when it does not.
+			// The agent runs fail-closed here, and a fail-closed agent leaves its rules in force
+			// for the next one to adopt: remove them (and its sets) as an operator would, so
+			// that no configuration measures through another's rules. Note it when that fails.
+			cmd := h.inNetns(h.lab.Node().Netns, h.sluice, "agent", "--cleanup")
+			if out, err := cmd.CombinedOutput(); err != nil {
+				h.note("sluice agent --cleanup after %s failed: %v: %s", a.cfg.Name, err, firstLines(string(out), 3))
+			}
 			if h.nodeHasQueueRule() {
-				h.note("sluice agent left NFQUEUE rules behind after SIGTERM (%s)", a.cfg.Name)
+				h.note("NFQUEUE rules left behind after stopping %s and sluice agent --cleanup", a.cfg.Name)
 			}
 		}
 	}

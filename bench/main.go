@@ -47,6 +47,7 @@ type options struct {
 	only      string
 	render    bool
 	agentEnv  string
+	nfqArgs   string
 	nice      int
 }
 
@@ -88,6 +89,7 @@ func main() {
 	flag.BoolVar(&o.pprof, "pprof", true, "profile the queue readers (agent: its /debug/pprof, else perf; bare loop: perf) at the top client count")
 	flag.StringVar(&o.only, "only", "", "run only the configurations whose label matches this regular expression")
 	flag.StringVar(&o.agentEnv, "agent-env", "", "extra environment for the agent, comma-separated KEY=VALUE (e.g. GOGC=400) to try runtime settings")
+	flag.StringVar(&o.nfqArgs, "nfq-args", "", "extra flags for the bare loop over filter/nfq, space-separated (e.g. \"-batch 1\" or \"-batch-verdict\") to compare its receive and verdict modes")
 	flag.IntVar(&o.nice, "nice", -5, "CPU priority (nice value) of every process under test; raised so other work on a shared machine disturbs the comparison less (0: leave as is)")
 	flag.BoolVar(&o.render, "render", false, "rewrite -out (and its plots) from the raw results.json beside it, without measuring (e.g. after editing ANALYSIS.md)")
 	flag.Parse()
@@ -148,6 +150,7 @@ type harness struct {
 	clients       []*netlab.Host
 	server        *netlab.Host
 	self, sluice  string
+	cloop         string // the C loop's binary, "" when it did not build
 	tmp           string
 	srv           *server
 	log           io.Writer
@@ -211,6 +214,11 @@ func run(ctx context.Context, o options, log io.Writer) (*summary, error) {
 			h.note("`sluice agent` is not available, its configurations are skipped: %v: %s", err, firstLines(string(out), 3))
 			h.sluice = ""
 		}
+	}
+
+	h.progress("building the C loop (gcc bench/cnfqueue/c-nfqueue.c)")
+	if h.cloop, err = buildCLoop(ctx, h.tmp); err != nil {
+		h.note("the C loop did not build, its configurations are skipped: %v", err)
 	}
 
 	if o.pprof && !o.quick {
@@ -341,7 +349,9 @@ func (h *harness) plan() []step {
 	if o.quick {
 		s = []step{
 			{config{Name: "no-filter", kind: kNoFilter}, tcp(o.clients...)},
+			{config{Name: "c-nfqueue", kind: kCLoop, Queues: 1, Mode: "new-only"}, tcp(o.clients...)},
 			{config{Name: "bare-nfqueue", kind: kBare, Queues: 1, Mode: "new-only"}, tcp(o.clients...)},
+			{config{Name: "bare-nfq", kind: kNfq, Queues: 1, Mode: "new-only"}, tcp(o.clients...)},
 		}
 		if h.sluice != "" {
 			s = append(s,
@@ -351,19 +361,23 @@ func (h *harness) plan() []step {
 		return s
 	}
 	top := slices.Max(o.clients)
-	bareW := tcp(o.clients...)
-	bareW[len(bareW)-1].profile = o.pprof
+	// Every queue reader is profiled at the top client count.
+	profiled := func() []workload {
+		w := tcp(o.clients...)
+		w[len(w)-1].profile = o.pprof
+		return w
+	}
 	s = []step{
 		{config{Name: "no-filter", kind: kNoFilter}, tcp(o.clients...)},
 		{config{Name: "conntrack", kind: kConntrack}, tcp(o.clients...)},
-		{config{Name: "bare-nfqueue", kind: kBare, Queues: 1, Mode: "new-only"}, bareW},
+		{config{Name: "c-nfqueue", kind: kCLoop, Queues: 1, Mode: "new-only"}, profiled()},
+		{config{Name: "bare-nfqueue", kind: kBare, Queues: 1, Mode: "new-only"}, profiled()},
+		{config{Name: "bare-nfq", kind: kNfq, Queues: 1, Mode: "new-only"}, profiled()},
 		{config{Name: "iptables-policies", kind: kIptables, Policies: o.base}, tcp(o.clients...)},
 	}
 	if h.sluice != "" {
-		w := tcp(o.clients...)
-		w[len(w)-1].profile = o.pprof
 		s = append(s,
-			step{sluiceCfg("sluice", 1, "new-only", false, o.base), w},
+			step{sluiceCfg("sluice", 1, "new-only", false, o.base), profiled()},
 			step{sluiceCfg("sluice+offload", 1, "new-only", true, o.base), tcp(o.clients...)},
 			step{sluiceCfg("sluice queue-all", 1, "queue-all", false, o.base), tcp(o.clients...)},
 			step{sluiceCfg("sluice 2 queues", 2, "new-only", false, o.base), tcp(top)},
@@ -372,6 +386,8 @@ func (h *harness) plan() []step {
 	}
 	// UDP through the queue: every datagram is queued, so this is the per-packet cost.
 	udpW := []workload{{mode: "udp", clients: 8}}
+	s = append(s, step{config{Name: "c-nfqueue queue-all 1q", kind: kCLoop, Queues: 1, Mode: "queue-all"}, udpW})
+	s = append(s, step{config{Name: "bare-nfq queue-all 1q", kind: kNfq, Queues: 1, Mode: "queue-all"}, udpW})
 	for _, q := range []int{1, 2, 4} {
 		s = append(s, step{config{Name: fmt.Sprintf("bare-nfqueue queue-all %dq", q), kind: kBare, Queues: q, Mode: "queue-all"}, udpW})
 	}

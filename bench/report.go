@@ -30,6 +30,9 @@ type summary struct {
 	SluiceVsNoFilter    *float64           `json:"sluice_vs_no_filter"`
 	OffloadVsBare       *float64           `json:"sluice_offload_vs_bare_nfqueue"`
 	OffloadVsNoFilter   *float64           `json:"sluice_offload_vs_no_filter"`
+	SluiceVsC           *float64           `json:"sluice_vs_c_nfqueue"`
+	BareVsC             *float64           `json:"bare_vs_c_nfqueue"`
+	NfqVsC              *float64           `json:"bare_nfq_vs_c_nfqueue"`
 	Clients             int                `json:"clients"`
 	ConnPerS            map[string]float64 `json:"conn_per_s"`
 	AgentDecisionP99us  *float64           `json:"agent_decision_p99_us,omitempty"`
@@ -95,13 +98,17 @@ func (h *harness) summary() *summary {
 	bare := h.find("bare-nfqueue", "tcp", c, 0)
 	sl := h.find("sluice", "tcp", c, h.o.base)
 	off := h.find("sluice+offload", "tcp", c, h.o.base)
+	cl := h.find("c-nfqueue", "tcp", c, 0)
+	bnfq := h.find("bare-nfq", "tcp", c, 0)
 	s := &summary{
 		SluiceVsBare: ratio(sl, bare), SluiceVsNoFilter: ratio(sl, nf),
 		OffloadVsBare: ratio(off, bare), OffloadVsNoFilter: ratio(off, nf),
+		SluiceVsC: ratio(sl, cl), BareVsC: ratio(bare, cl), NfqVsC: ratio(bnfq, cl),
 		Clients: c, ConnPerS: map[string]float64{}, Runs: h.o.runs, DurationS: h.o.duration.Seconds(),
 		ElapsedS: math.Round(time.Since(h.started).Seconds()*10) / 10, Notes: h.notes,
 	}
-	for name, r := range map[string]*result{"no_filter": nf, "bare_nfqueue": bare, "sluice": sl, "sluice_offload": off} {
+	for name, r := range map[string]*result{"no_filter": nf, "bare_nfqueue": bare, "sluice": sl, "sluice_offload": off,
+		"c_nfqueue": cl, "bare_nfq": bnfq} {
 		if r != nil {
 			s.ConnPerS[name] = math.Round(r.stat(rate).med)
 		}
@@ -277,7 +284,7 @@ func (h *harness) captureProfile(a *active) chan string {
 	return ch
 }
 
-var profileStep = regexp.MustCompile(`\] (__sys_sendmsg|__sys_recvmsg|____sys_recvmsg|nfqnl_recv_verdict|nf_reinject|nfqnl_enqueue_packet|ip_forward|ip_forward_finish|tcp_v4_rcv|__netif_receive_skb|do_epoll_wait|schedule|futex_wait|filter\.\(\*worker\)\.(hook|handle)|github.com/sluice-dev/sluice/filter\.\(\*worker\)\.(hook|handle)|.*policy\.\(\*Snapshot\)\.Decide|.*\(\*FlowCache\)\.Decide|.*\(\*Decoder\)\.Decode|.*\(\*Offload\)\.Record|runtime\.mallocgc|runtime\.gcBgMarkWorker|runtime\.findRunnable|runtime\.netpoll|.*nfqueue\.parseMsg|.*nfqueue\.\(\*Nfqueue\)\.setVerdict|.*netlink\.\(\*Conn\)\.(Receive|Send)|.*prometheus.*Observe)\b`)
+var profileStep = regexp.MustCompile(`\] (__sys_sendmsg|__sys_recvmsg|____sys_recvmsg|netlink_sendmsg|netlink_recvmsg|__sys_sendto|__sys_recvfrom|do_recvmmsg|ksys_write|mnl_socket_recvfrom|mnl_socket_sendto|mnl_cb_run|.*nfq\.\(\*Queue\)\.(Serve|recv|handle)|nfqnl_recv_verdict|nf_reinject|nfqnl_enqueue_packet|ip_forward|ip_forward_finish|tcp_v4_rcv|__netif_receive_skb|do_epoll_wait|schedule|futex_wait|filter\.\(\*worker\)\.(hook|handle)|github.com/sluice-dev/sluice/filter\.\(\*worker\)\.(hook|handle)|.*policy\.\(\*Snapshot\)\.Decide|.*\(\*FlowCache\)\.Decide|.*\(\*Decoder\)\.Decode|.*\(\*Offload\)\.Record|runtime\.mallocgc|runtime\.gcBgMarkWorker|runtime\.findRunnable|runtime\.netpoll|.*nfqueue\.parseMsg|.*nfqueue\.\(\*Nfqueue\)\.setVerdict|.*netlink\.\(\*Conn\)\.(Receive|Send)|.*prometheus.*Observe)\b`)
 
 type machineInfo struct {
 	CPUs    int
@@ -415,7 +422,10 @@ func (h *harness) writeReport(s *summary) error {
 	q1 := h.find("sluice queue-all 1q", "udp", 8, 0)
 	q2 := h.find("sluice queue-all 2q", "udp", 8, 0)
 	r := ratio(q2, q1)
-	fmt.Fprintf(&b, "| UDP queue-all: 2 queues ≥ 1.7 × 1 queue | %s | %s |\n\n", fmtRatio(r), verdictMark(r, 1.7))
+	fmt.Fprintf(&b, "| UDP queue-all: 2 queues ≥ 1.7 × 1 queue | %s | %s |\n", fmtRatio(r), verdictMark(r, 1.7))
+	h.cTargets(&b)
+	b.WriteString("\n")
+	h.readersTable(&b)
 
 	var per, cpu []string
 	for _, c := range h.o.clients {
@@ -658,4 +668,80 @@ func (intTicks) Ticks(min, max float64) []plot.Tick {
 		}
 	}
 	return t
+}
+
+func (r *result) med(f func(runResult) float64) float64 { return r.stat(f).med }
+
+func readerCPU(r runResult) float64 { return r.ReaderCPU }
+func p50(r runResult) float64       { return r.P50us }
+
+// quotient is a/b rounded like ratio, nil when either side is missing.
+func quotient(a, b float64) *float64 {
+	if a == 0 || b == 0 {
+		return nil
+	}
+	v := math.Round(a/b*1000) / 1000
+	return &v
+}
+
+func upTo(p *float64, limit float64) string {
+	if p == nil {
+		return "not measured"
+	}
+	if *p <= limit {
+		return "met"
+	}
+	return "**not met**"
+}
+
+// cTargets are issue 15's targets: sluice against the C loop over libnetfilter_queue, the
+// machine's NFQUEUE floor, measured in the same run.
+func (h *harness) cTargets(b *strings.Builder) {
+	for _, c := range h.o.clients {
+		sl, cl := h.find("sluice", "tcp", c, h.o.base), h.find("c-nfqueue", "tcp", c, 0)
+		r := ratio(sl, cl)
+		fmt.Fprintf(b, "| sluice ≥ 0.90 × C loop (c-nfqueue), %d clients | %s | %s |\n", c, fmtRatio(r), verdictMark(r, 0.90))
+		var q *float64
+		if sl != nil && cl != nil {
+			q = quotient(sl.med(readerCPU), cl.med(readerCPU))
+		}
+		fmt.Fprintf(b, "| sluice reader CPU per connection ≤ 1.15 × C loop's, %d clients | %s | %s |\n", c, fmtRatio(q), upTo(q, 1.15))
+	}
+	sl, cl := h.find("sluice", "tcp", 1, h.o.base), h.find("c-nfqueue", "tcp", 1, 0)
+	if sl != nil && cl != nil {
+		q := quotient(sl.med(p50), cl.med(p50))
+		fmt.Fprintf(b, "| sluice connect p50 at 1 client ≤ 1.10 × C loop's | %.0f µs vs %.0f µs: %s | %s |\n", sl.med(p50), cl.med(p50), fmtRatio(q), upTo(q, 1.10))
+	}
+	su, cu := h.find("sluice queue-all 1q", "udp", 8, 0), h.find("c-nfqueue queue-all 1q", "udp", 8, 0)
+	r := ratio(su, cu)
+	fmt.Fprintf(b, "| UDP queue-all, 1 queue: sluice ≥ 0.90 × C loop | %s | %s |\n", fmtRatio(r), verdictMark(r, 0.90))
+}
+
+// readersTable sets every queue reader beside the C loop at each client count: the rate and
+// the reader's CPU per connection, as fractions of the C loop's.
+func (h *harness) readersTable(b *strings.Builder) {
+	readers := []struct {
+		name string
+		pol  int
+	}{{"bare-nfqueue", 0}, {"bare-nfq", 0}, {"sluice", h.o.base}}
+	var head, sep strings.Builder
+	for _, c := range h.o.clients {
+		fmt.Fprintf(&head, " conn/s ÷ C, %d cl. | CPU/conn ÷ C, %d cl. |", c, c)
+		sep.WriteString("---|---|")
+	}
+	fmt.Fprintf(b, "### Queue readers against the C loop (c-nfqueue: libnetfilter_queue, one blocking receive and one verdict per packet)\n\n")
+	fmt.Fprintf(b, "| reader |%s\n|---|%s\n", head.String(), sep.String())
+	for _, rd := range readers {
+		fmt.Fprintf(b, "| %s |", rd.name)
+		for _, c := range h.o.clients {
+			r, cl := h.find(rd.name, "tcp", c, rd.pol), h.find("c-nfqueue", "tcp", c, 0)
+			var q *float64
+			if r != nil && cl != nil {
+				q = quotient(r.med(readerCPU), cl.med(readerCPU))
+			}
+			fmt.Fprintf(b, " %s | %s |", fmtRatio(ratio(r, cl)), fmtRatio(q))
+		}
+		b.WriteString("\n")
+	}
+	fmt.Fprintf(b, "\n`bare-nfqueue` is an accept-all loop over github.com/florianl/go-nfqueue, `bare-nfq` the same loop over sluice's own reader (filter/nfq), `sluice` the agent.\n\n")
 }

@@ -24,6 +24,8 @@ import (
 	nfqueue "github.com/florianl/go-nfqueue/v2"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/sluice-dev/sluice/filter/nfq"
 )
 
 const roleArg = "__role"
@@ -41,6 +43,8 @@ func runRole(args []string) bool {
 		err = roleLoad(args[2:])
 	case "bare":
 		err = roleBare(args[2:])
+	case "bare-nfq":
+		err = roleBareNfq(args[2:])
 	default:
 		err = fmt.Errorf("unknown role %q", args[1])
 	}
@@ -324,5 +328,47 @@ func roleBare(args []string) error {
 	fmt.Println(`{"ready":true}`)
 	<-ctx.Done()
 	fmt.Fprintf(os.Stderr, "bare loop: %d packets\n", seen.Load())
+	return nil
+}
+
+// roleBareNfq is the bare accept-all loop over sluice's own reader (filter/nfq), configured as
+// the agent configures its queues (160-byte copy, GSO, FAIL_OPEN): the reader's own floor, to
+// set beside the C loop's and go-nfqueue's.
+func roleBareNfq(args []string) error {
+	fs := flag.NewFlagSet("bare-nfq", flag.ContinueOnError)
+	first := fs.Uint("queue-num", 100, "first queue number")
+	queues := fs.Uint("queues", 1, "number of queues")
+	batch := fs.Int("batch", 16, "messages per receive (1: one recvmsg per packet)")
+	batchVerdict := fs.Bool("batch-verdict", false, "one NFQNL_MSG_VERDICT_BATCH for packets read together")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer cancel()
+	var qs []*nfq.Queue
+	errs := make(chan error, *queues)
+	for i := uint(0); i < *queues; i++ {
+		q, err := nfq.Open(nfq.Config{Queue: uint16(*first + i), Flags: nfq.FlagFailOpen | nfq.FlagGSO,
+			Batch: *batch, BatchVerdict: *batchVerdict})
+		if err != nil {
+			return err
+		}
+		defer q.Close()
+		qs = append(qs, q)
+		go func() { errs <- q.Serve(func(*nfq.Packet) nfq.Verdict { return nfq.Accept }) }()
+	}
+	fmt.Println(`{"ready":true}`)
+	select {
+	case <-ctx.Done():
+	case err := <-errs:
+		return err
+	}
+	var seen, recvs uint64
+	for _, q := range qs {
+		q.Close()
+		seen += q.Stats().Packets.Load()
+		recvs += q.Stats().Receives.Load()
+	}
+	fmt.Fprintf(os.Stderr, "bare nfq loop: %d packets in %d receives\n", seen, recvs)
 	return nil
 }

@@ -1,23 +1,22 @@
 package queue
 
 import (
-	"bufio"
-	"errors"
-	"os"
 	"strconv"
-	"strings"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluice-dev/sluice/filter/nfq"
 )
 
-// Metrics are the readers' own counters; the kernel's per-queue counters are read at scrape
-// time from /proc (see Stats).
+// Metrics are the readers' own counters (kept by each queue's filter/nfq socket and summed at
+// scrape time); the kernel's per-queue counters are read at scrape time from /proc (see Stats).
 type Metrics struct {
-	enobufs       prometheus.Counter
-	recvErrors    prometheus.Counter
-	verdictErrors prometheus.Counter
-	markLoops     prometheus.Counter
-	stalled       prometheus.Gauge
+	stalled prometheus.Gauge
+	// markLoops counts packets queued again although they carried the pass mark.
+	markLoops prometheus.Counter
+	// queues are the counters of the bound queues; nil before Run.
+	queues atomic.Pointer[[]*nfq.Stats]
 }
 
 // NewMetrics creates the metrics and registers them, with the kernel's queue counters, on reg
@@ -26,57 +25,41 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 	}
-	c := func(name, help string) prometheus.Counter {
-		return prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
-	}
 	m := &Metrics{
-		enobufs:       c("sluice_queue_enobufs_total", "Netlink receive overruns (ENOBUFS): packets the kernel could not hand to the agent."),
-		recvErrors:    c("sluice_queue_receive_errors_total", "Other errors reading the queue socket."),
-		verdictErrors: c("sluice_verdict_errors_total", "Verdicts that could not be sent to the kernel."),
-		markLoops:     c("sluice_queue_mark_loops_total", "Packets queued again although they carried the pass mark (the rules in force do not honour it); accepted outright."),
-		stalled:       prometheus.NewGauge(prometheus.GaugeOpts{Name: "sluice_stalled_workers", Help: "Queue workers that made no progress with packets waiting."}),
+		stalled: prometheus.NewGauge(prometheus.GaugeOpts{Name: "sluice_stalled_workers", Help: "Queue workers that made no progress with packets waiting."}),
+		markLoops: prometheus.NewCounter(prometheus.CounterOpts{Name: "sluice_queue_mark_loops_total",
+			Help: "Packets queued again although they carried the pass mark (the rules in force do not honour it); accepted outright."}),
 	}
-	reg.MustRegister(m.enobufs, m.recvErrors, m.verdictErrors, m.markLoops, m.stalled, kernelStats{})
+	sum := func(name, help string, f func(*nfq.Stats) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 {
+			var n uint64
+			if qs := m.queues.Load(); qs != nil {
+				for _, s := range *qs {
+					n += f(s)
+				}
+			}
+			return float64(n)
+		})
+	}
+	reg.MustRegister(m.stalled, m.markLoops, kernelStats{},
+		sum("sluice_queue_enobufs_total", "Netlink receive overruns (ENOBUFS) reported to the agent: packets the kernel could not hand over (see also sluice_queue_user_dropped_total).",
+			func(s *nfq.Stats) uint64 { return s.ENOBUFS.Load() }),
+		sum("sluice_queue_receive_errors_total", "Other errors reading the queue socket.",
+			func(s *nfq.Stats) uint64 { return s.RecvErrors.Load() }),
+		sum("sluice_queue_malformed_messages_total", "Queue messages that could not be decoded, were truncated or did not come from the kernel.",
+			func(s *nfq.Stats) uint64 { return s.Malformed.Load() + s.Truncated.Load() + s.Foreign.Load() }),
+		sum("sluice_verdict_errors_total", "Verdicts that could not be sent to the kernel, or that it refused.",
+			func(s *nfq.Stats) uint64 { return s.VerdictErrors.Load() }))
 	return m
 }
 
-// Stat is one line of /proc/net/netfilter/nfnetlink_queue: the kernel's view of one queue in
-// the current network namespace.
-type Stat struct {
-	Queue       uint16
-	PortID      uint32
-	Waiting     uint64 // packets queued and waiting for a verdict
-	Dropped     uint64 // dropped by the kernel: queue full (without fail-open) or no memory
-	UserDropped uint64 // dropped because the netlink socket could not take them (ENOBUFS)
-}
+// Stat is the kernel's view of one queue in the agent's network namespace
+// (/proc/net/netfilter/nfnetlink_queue).
+type Stat = nfq.KernelStats
 
-const procFile = "/proc/net/netfilter/nfnetlink_queue"
-
-// Stats reads the kernel's per-queue counters of the current network namespace. A missing file
-// (no queue bound yet, module not loaded) is no queues.
-func Stats() ([]Stat, error) {
-	f, err := os.Open(procFile)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil, nil
-		}
-		return nil, err
-	}
-	defer f.Close()
-	var out []Stat
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// queue_number peer_portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1
-		fs := strings.Fields(sc.Text())
-		if len(fs) < 7 {
-			continue
-		}
-		n := func(i int) uint64 { v, _ := strconv.ParseUint(fs[i], 10, 64); return v }
-		out = append(out, Stat{Queue: uint16(n(0)), PortID: uint32(n(1)), Waiting: n(2),
-			Dropped: n(5), UserDropped: n(6)})
-	}
-	return out, sc.Err()
-}
+// Stats reads the kernel's per-queue counters. A missing file (no queue bound yet, module not
+// loaded) is no queues.
+func Stats() ([]Stat, error) { return nfq.ReadKernelStats() }
 
 type kernelStats struct{}
 
@@ -97,7 +80,7 @@ func (kernelStats) Collect(ch chan<- prometheus.Metric) {
 	for _, q := range st {
 		l := strconv.Itoa(int(q.Queue))
 		ch <- prometheus.MustNewConstMetric(descWaiting, prometheus.GaugeValue, float64(q.Waiting), l)
-		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(q.Dropped), l)
+		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(q.QueueDropped), l)
 		ch <- prometheus.MustNewConstMetric(descUser, prometheus.CounterValue, float64(q.UserDropped), l)
 	}
 }
