@@ -17,7 +17,9 @@ import (
 	"math/big"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -552,12 +554,31 @@ func (w *world) floodAndProbe(denied, allowed netip.AddrPort) floodOutcome {
 	var o floodOutcome
 	var floodErr error
 	done := make(chan struct{})
+	// One sender per CPU from the one pod: the reader (filter/nfq) outruns a single sender on
+	// this machine, and a hostile pod has as many threads as it likes. The bounds hold for the
+	// flood as a whole.
+	senders := runtime.NumCPU() + 1
 	go func() {
 		defer close(done)
-		o.sent, floodErr = w.hosts["decoy"].FloodUDP(netlab.Flood{
-			Dst: extWeb, FirstPort: 10000, Ports: 2048,
-			MaxPackets: 2_000_000, MaxDuration: 3 * time.Second,
-		})
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		for i := range senders {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				n, err := w.hosts["decoy"].FloodUDP(netlab.Flood{
+					Dst: extWeb, FirstPort: uint16(10000 + 2048*i), Ports: 2048,
+					MaxPackets: 2_000_000 / senders, MaxDuration: 3 * time.Second,
+				})
+				mu.Lock()
+				o.sent += n
+				if err != nil && floodErr == nil {
+					floodErr = err
+				}
+				mu.Unlock()
+			}()
+		}
+		wg.Wait()
 	}()
 	time.Sleep(500 * time.Millisecond) // let the flood fill the queue
 	for i := 0; ; i++ {
