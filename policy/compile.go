@@ -2,8 +2,7 @@ package policy
 
 import (
 	"cmp"
-	"errors"
-	"fmt"
+	"iter"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -16,13 +15,19 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/util/validation/field"
 )
 
 // Compile builds a Snapshot from st, which it only reads. It applies the API server's
 // defaulting itself (policyTypes, TCP ports, the namespace name label), so objects straight
-// from a file or an informer compile alike. An invalid selector, CIDR or port is an error that
-// names the policy and the field: compiling it as "match nothing" or "match all" would
-// silently change who is allowed.
+// from a file or an informer compile alike. A policy with an invalid selector, CIDR, port or
+// policy type, or beyond the size bounds (MaxRules and the others), is a *PolicyError naming
+// the policy and the field: compiling it as "match nothing" or "match all" would silently
+// change who is allowed. Every such policy is listed in one *CompileError.
+//
+// By default a CompileError means no snapshot. With Options.IsolateInvalid, Compile returns
+// the snapshot together with the CompileError, and each invalid policy in it isolates the pods
+// it selects for the directions it declares, with none of its rules (see isolateOnly).
 func Compile(st *State, opt Options) (*Snapshot, error) {
 	c := compiler{
 		s: &Snapshot{
@@ -39,18 +44,31 @@ func Compile(st *State, opt Options) (*Snapshot, error) {
 	}
 	c.namespaces(st.Namespaces)
 	c.pods(st.Pods)
-	var errs []error
-	pols := slices.Clone(st.Policies)
-	slices.SortFunc(pols, func(a, b networkingv1.NetworkPolicy) int {
+	var bad []PolicyError
+	pols := make([]*networkingv1.NetworkPolicy, len(st.Policies))
+	for i := range st.Policies {
+		pols[i] = &st.Policies[i]
+	}
+	slices.SortFunc(pols, func(a, b *networkingv1.NetworkPolicy) int {
 		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
-	for i := range pols {
-		if err := c.policy(&pols[i]); err != nil {
-			errs = append(errs, err)
+	for _, np := range pols {
+		err := c.policy(np)
+		if err == nil {
+			continue
+		}
+		err.Policy = np.Namespace + "/" + np.Name
+		bad = append(bad, *err)
+		if opt.IsolateInvalid {
+			c.isolateOnly(np)
 		}
 	}
-	if err := errors.Join(errs...); err != nil {
-		return nil, err
+	var err error
+	if len(bad) > 0 {
+		err = &CompileError{Policies: bad}
+		if !opt.IsolateInvalid {
+			return nil, err
+		}
 	}
 	c.flatten()
 	s := c.s
@@ -64,7 +82,8 @@ func Compile(st *State, opt Options) (*Snapshot, error) {
 	s.stats.Policies = len(s.policies)
 	s.stats.Rules = len(s.rules)
 	s.stats.PeerSets = len(s.sets)
-	return s, nil
+	s.stats.Invalid = len(bad)
+	return s, err
 }
 
 type compiler struct {
@@ -84,14 +103,20 @@ type compiler struct {
 
 func (c *compiler) namespaces(nss []corev1.Namespace) {
 	for i := range nss {
-		ns := &nss[i]
-		l := make(labels.Set, len(ns.Labels)+1)
-		for k, v := range ns.Labels {
-			l[k] = v
-		}
-		l[corev1.LabelMetadataName] = ns.Name
-		c.nsLabels[ns.Name] = l
+		c.nsLabels[nss[i].Name] = namespaceLabels(nss[i].Name, nss[i].Labels)
 	}
+}
+
+// namespaceLabels are the labels a namespaceSelector sees: the namespace's own plus
+// kubernetes.io/metadata.name=<name>, which the API server sets on every namespace (also on
+// one the state only names through its pods or policies: pass nil labels).
+func namespaceLabels(name string, own map[string]string) labels.Set {
+	l := make(labels.Set, len(own)+1)
+	for k, v := range own {
+		l[k] = v
+	}
+	l[corev1.LabelMetadataName] = name
+	return l
 }
 
 // Participates reports whether a pod takes part in NetworkPolicy: host-network pods' traffic
@@ -147,14 +172,8 @@ func (c *compiler) pods(in []corev1.Pod) {
 			ips:   PodAddrs(p),
 		}
 		var ports []namedPort
-		for _, ct := range p.Spec.Containers {
-			for _, port := range ct.Ports {
-				proto, ok := ProtocolFromK8s(port.Protocol)
-				if port.Name == "" || !ok || port.ContainerPort <= 0 || port.ContainerPort > 65535 {
-					continue
-				}
-				ports = append(ports, namedPort{name: c.portName(port.Name), proto: proto, port: uint16(port.ContainerPort)})
-			}
+		for cp := range namedContainerPorts(p) {
+			ports = append(ports, namedPort{name: c.portName(cp.name), proto: cp.proto, port: cp.port})
 		}
 		for _, a := range cp.ips {
 			if _, taken := s.lookup(a); taken {
@@ -181,7 +200,7 @@ func (c *compiler) pods(in []corev1.Pod) {
 		if _, ok := c.nsLabels[p.Namespace]; !ok {
 			// A pod's namespace exists even when the state omits it; the API server would
 			// have labelled it with its name.
-			c.nsLabels[p.Namespace] = labels.Set{corev1.LabelMetadataName: p.Namespace}
+			c.nsLabels[p.Namespace] = namespaceLabels(p.Namespace, nil)
 		}
 	}
 	for name := range c.nsLabels {
@@ -190,6 +209,31 @@ func (c *compiler) pods(in []corev1.Pod) {
 	slices.Sort(c.nsNames)
 	c.ingress = make([][]int32, len(s.pods))
 	c.egress = make([][]int32, len(s.pods))
+}
+
+// containerPort is a named container port as a NetworkPolicy's named port resolves it.
+type containerPort struct {
+	name  string
+	proto Protocol
+	port  uint16
+}
+
+// namedContainerPorts yields the named ports of p's containers, the protocol defaulted to TCP;
+// a port out of range or of an unknown protocol names nothing.
+func namedContainerPorts(p *corev1.Pod) iter.Seq[containerPort] {
+	return func(yield func(containerPort) bool) {
+		for i := range p.Spec.Containers {
+			for _, port := range p.Spec.Containers[i].Ports {
+				proto, ok := ProtocolFromK8s(port.Protocol)
+				if port.Name == "" || !ok || port.ContainerPort <= 0 || port.ContainerPort > 65535 {
+					continue
+				}
+				if !yield(containerPort{name: port.Name, proto: proto, port: uint16(port.ContainerPort)}) {
+					return
+				}
+			}
+		}
+	}
 }
 
 // flatten lays the per-pod rules and named ports out in the snapshot's flat arrays.
@@ -255,30 +299,29 @@ func PolicyTypes(np *networkingv1.NetworkPolicy) (ingress, egress bool) {
 	return ingress, egress
 }
 
-func (c *compiler) policy(np *networkingv1.NetworkPolicy) error {
+// policy compiles np. On error nothing of np is in the snapshot (peer sets it resolved stay:
+// they are shared by selector and harmless).
+func (c *compiler) policy(np *networkingv1.NetworkPolicy) *PolicyError {
 	s := c.s
-	name := np.Namespace + "/" + np.Name
-	where := func(field string, err error) error {
-		return fmt.Errorf("NetworkPolicy %s: %s: %w", name, field, err)
-	}
-	for i, t := range np.Spec.PolicyTypes {
-		if t != networkingv1.PolicyTypeIngress && t != networkingv1.PolicyTypeEgress {
-			return where(fmt.Sprintf("spec.policyTypes[%d]", i), fmt.Errorf("%q is not Ingress or Egress", t))
-		}
+	spec := field.NewPath("spec")
+	if i := invalidPolicyType(np); i >= 0 {
+		return fieldError(spec.Child("policyTypes").Index(i), "%q is not Ingress or Egress", np.Spec.PolicyTypes[i])
 	}
 	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
 	if err != nil {
-		return where("spec.podSelector", err)
+		return &PolicyError{Field: spec.Child("podSelector").String(), Err: err}
 	}
 	pi := int32(len(s.policies))
 	ing, eg := PolicyTypes(np)
+	nrules := len(s.rules)
 	var ingRules, egRules []int32
 	if ing {
 		for i := range np.Spec.Ingress {
 			r := &np.Spec.Ingress[i]
 			ri, err := c.rule(pi, np.Namespace, Ingress, i, r.From, r.Ports)
 			if err != nil {
-				return where(fmt.Sprintf("spec.ingress[%d]", i), err)
+				s.rules = s.rules[:nrules]
+				return err
 			}
 			ingRules = append(ingRules, ri)
 		}
@@ -288,12 +331,37 @@ func (c *compiler) policy(np *networkingv1.NetworkPolicy) error {
 			r := &np.Spec.Egress[i]
 			ri, err := c.rule(pi, np.Namespace, Egress, i, r.To, r.Ports)
 			if err != nil {
-				return where(fmt.Sprintf("spec.egress[%d]", i), err)
+				s.rules = s.rules[:nrules]
+				return err
 			}
 			egRules = append(egRules, ri)
 		}
 	}
-	s.policies = append(s.policies, cpolicy{name: name})
+	c.apply(np, sel, ing, eg, ingRules, egRules)
+	return nil
+}
+
+// isolateOnly compiles what a policy that does not compile says about whom it isolates, and
+// nothing it allows: dropping it would allow what it denied. When its pod selector is the
+// broken part every pod of its namespace is isolated, since which ones it meant is unknown;
+// when a policy type is, both directions are.
+func (c *compiler) isolateOnly(np *networkingv1.NetworkPolicy) {
+	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
+	if err != nil {
+		sel = labels.Everything()
+	}
+	ing, eg := PolicyTypes(np)
+	if invalidPolicyType(np) >= 0 {
+		ing, eg = true, true
+	}
+	c.apply(np, sel, ing, eg, nil, nil)
+}
+
+// apply adds np to the snapshot and its rules to the pods sel selects in its namespace.
+func (c *compiler) apply(np *networkingv1.NetworkPolicy, sel labels.Selector, ing, eg bool, ingRules, egRules []int32) {
+	s := c.s
+	pi := int32(len(s.policies))
+	s.policies = append(s.policies, cpolicy{name: np.Namespace + "/" + np.Name})
 	for _, p := range c.nsPods[np.Namespace] {
 		pod := &s.pods[p]
 		if !sel.Matches(c.labels[p]) {
@@ -308,73 +376,77 @@ func (c *compiler) policy(np *networkingv1.NetworkPolicy) error {
 			c.egress[p] = append(c.egress[p], egRules...)
 		}
 	}
-	return nil
 }
 
-func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (int32, error) {
-	r := crule{policy: pol, dir: dir, index: int32(index), allPeers: len(peers) == 0, allPorts: len(ports) == 0}
-	peerField := "from"
-	if dir == Egress {
-		peerField = "to"
+// invalidPolicyType returns the index of the first policy type that is neither Ingress nor
+// Egress, or -1.
+func invalidPolicyType(np *networkingv1.NetworkPolicy) int {
+	for i, t := range np.Spec.PolicyTypes {
+		if t != networkingv1.PolicyTypeIngress && t != networkingv1.PolicyTypeEgress {
+			return i
+		}
 	}
+	return -1
+}
+
+func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (int32, *PolicyError) {
+	r := crule{policy: pol, dir: dir, index: int32(index), allPeers: len(peers) == 0, allPorts: len(ports) == 0}
+	path := field.NewPath("spec").Child(dir.specField()).Index(index)
 	var all netipx.IPSetBuilder
 	for i := range peers {
 		peer := &peers[i]
-		field := fmt.Sprintf("%s[%d]", peerField, i)
+		at := path.Child(dir.peerField()).Index(i)
 		hasSel := peer.PodSelector != nil || peer.NamespaceSelector != nil
 		switch {
 		case peer.IPBlock != nil && hasSel:
-			return 0, fmt.Errorf("%s: ipBlock cannot be combined with podSelector or namespaceSelector", field)
+			return 0, fieldError(at, "ipBlock cannot be combined with podSelector or namespaceSelector")
 		case peer.IPBlock != nil:
-			set, err := blockSet(peer.IPBlock)
+			set, err := blockSet(peer.IPBlock, at.Child("ipBlock"))
 			if err != nil {
-				return 0, fmt.Errorf("%s.ipBlock: %w", field, err)
+				return 0, err
 			}
 			all.AddSet(set)
 			r.blockPeers = append(r.blockPeers, blockPeer{index: int32(i), set: liteOf(set)})
 		case hasSel:
-			si, err := c.peerSet(ns, peer)
+			si, err := c.peerSet(ns, peer, at)
 			if err != nil {
-				return 0, fmt.Errorf("%s.%w", field, err)
+				return 0, err
 			}
 			r.peerSets = append(r.peerSets, si)
 			r.peerIdx = append(r.peerIdx, int32(i))
 		default:
-			return 0, fmt.Errorf("%s: a peer needs podSelector, namespaceSelector or ipBlock", field)
+			return 0, fieldError(at, "a peer needs podSelector, namespaceSelector or ipBlock")
 		}
 	}
 	if len(r.blockPeers) > 0 {
 		set, err := all.IPSet()
 		if err != nil {
-			return 0, err
+			return 0, &PolicyError{Field: path.Child(dir.peerField()).String(), Err: err}
 		}
 		r.blocks = liteOf(set)
 	}
 	for i := range ports {
 		p := &ports[i]
-		field := fmt.Sprintf("ports[%d]", i)
-		proto := TCP
-		if p.Protocol != nil {
-			var ok bool
-			if proto, ok = ProtocolFromK8s(*p.Protocol); !ok {
-				return 0, fmt.Errorf("%s.protocol: %q is not TCP, UDP or SCTP", field, *p.Protocol)
-			}
+		at := path.Child("ports").Index(i)
+		proto, ok := ProtocolFromK8s(policyPortProtocol(p))
+		if !ok {
+			return 0, fieldError(at.Child("protocol"), "%q is not TCP, UDP or SCTP", *p.Protocol)
 		}
 		cp := cport{proto: proto, name: -1, index: int32(i)}
 		var text string
 		switch {
 		case p.Port == nil:
 			if p.EndPort != nil {
-				return 0, fmt.Errorf("%s.endPort: needs a numeric port", field)
+				return 0, fieldError(at.Child("endPort"), "needs a numeric port")
 			}
 			cp.anyNum = true
 			text = "all " + proto.String() + " ports"
 		case p.Port.Type == intstr.String:
 			if p.EndPort != nil {
-				return 0, fmt.Errorf("%s.endPort: not allowed with the named port %q", field, p.Port.StrVal)
+				return 0, fieldError(at.Child("endPort"), "not allowed with the named port %q", p.Port.StrVal)
 			}
 			if p.Port.StrVal == "" {
-				return 0, fmt.Errorf("%s.port: empty port name", field)
+				return 0, fieldError(at.Child("port"), "empty port name")
 			}
 			cp.name = c.portName(p.Port.StrVal)
 			text = p.Port.StrVal + "/" + proto.String()
@@ -385,10 +457,10 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 				hi = *p.EndPort
 			}
 			if lo < 1 || lo > 65535 {
-				return 0, fmt.Errorf("%s.port: %d is not in 1-65535", field, lo)
+				return 0, fieldError(at.Child("port"), "%d is not in 1-65535", lo)
 			}
 			if hi < lo || hi > 65535 {
-				return 0, fmt.Errorf("%s.endPort: %d must be between port %d and 65535", field, hi, lo)
+				return 0, fieldError(at.Child("endPort"), "%d must be between port %d and 65535", hi, lo)
 			}
 			cp.lo, cp.hi = uint16(lo), uint16(hi)
 			text = strconv.Itoa(int(lo))
@@ -404,25 +476,37 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 	return int32(len(c.s.rules) - 1), nil
 }
 
-// blockSet turns an ipBlock into the exact set of addresses it admits.
-func blockSet(b *networkingv1.IPBlock) (*netipx.IPSet, error) {
+// policyPortProtocol is a policy port's protocol after the API server's defaulting (TCP).
+func policyPortProtocol(p *networkingv1.NetworkPolicyPort) corev1.Protocol {
+	if p.Protocol == nil {
+		return corev1.ProtocolTCP
+	}
+	return *p.Protocol
+}
+
+// blockSet turns an ipBlock (at path) into the exact set of addresses it admits.
+func blockSet(b *networkingv1.IPBlock, path *field.Path) (*netipx.IPSet, *PolicyError) {
 	cidr, err := netip.ParsePrefix(b.CIDR)
 	if err != nil {
-		return nil, fmt.Errorf("cidr: %q is not a CIDR: %v", b.CIDR, err)
+		return nil, fieldError(path.Child("cidr"), "%q is not a CIDR: %v", b.CIDR, err)
 	}
 	var sb netipx.IPSetBuilder
 	sb.AddPrefix(cidr.Masked())
 	for i, e := range b.Except {
 		ex, err := netip.ParsePrefix(e)
 		if err != nil {
-			return nil, fmt.Errorf("except[%d]: %q is not a CIDR: %v", i, e, err)
+			return nil, fieldError(path.Child("except").Index(i), "%q is not a CIDR: %v", e, err)
 		}
 		if ex.Addr().Is4() != cidr.Addr().Is4() {
-			return nil, fmt.Errorf("except[%d]: %q is not of the same IP family as cidr %q", i, e, b.CIDR)
+			return nil, fieldError(path.Child("except").Index(i), "%q is not of the same IP family as cidr %q", e, b.CIDR)
 		}
 		sb.RemovePrefix(ex.Masked())
 	}
-	return sb.IPSet()
+	set, err := sb.IPSet()
+	if err != nil {
+		return nil, &PolicyError{Field: path.String(), Err: err}
+	}
+	return set, nil
 }
 
 func liteOf(set *netipx.IPSet) *bart.Lite {
@@ -434,17 +518,17 @@ func liteOf(set *netipx.IPSet) *bart.Lite {
 }
 
 // peerSet resolves a pod/namespace selector peer to a pod set, once per distinct selector.
-func (c *compiler) peerSet(policyNS string, peer *networkingv1.NetworkPolicyPeer) (int32, error) {
+func (c *compiler) peerSet(policyNS string, peer *networkingv1.NetworkPolicyPeer, path *field.Path) (int32, *PolicyError) {
 	var podSel, nsSel labels.Selector
 	var err error
 	if peer.PodSelector != nil {
 		if podSel, err = metav1.LabelSelectorAsSelector(peer.PodSelector); err != nil {
-			return 0, fmt.Errorf("podSelector: %w", err)
+			return 0, &PolicyError{Field: path.Child("podSelector").String(), Err: err}
 		}
 	}
 	if peer.NamespaceSelector != nil {
 		if nsSel, err = metav1.LabelSelectorAsSelector(peer.NamespaceSelector); err != nil {
-			return 0, fmt.Errorf("namespaceSelector: %w", err)
+			return 0, &PolicyError{Field: path.Child("namespaceSelector").String(), Err: err}
 		}
 	}
 	var key string

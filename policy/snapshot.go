@@ -42,6 +42,7 @@ type Stats struct {
 	Policies   int `json:"policies"`
 	Rules      int `json:"rules"`
 	PeerSets   int `json:"peerSets"` // distinct peer selectors resolved to pod sets
+	Invalid    int `json:"invalid"`  // policies that did not compile, isolating only (Options.IsolateInvalid)
 }
 
 // span is a half-open range [lo, hi) of a flat array.

@@ -55,7 +55,7 @@ func TestNeutraliseKeepsIsolation(t *testing.T) {
 		t.Fatal("the broken state compiled; the test needs policies that do not")
 	}
 	s := NewAPISource(nil, policy.Options{}, testLogger(t), 0)
-	c := newCompiler("test", policy.Options{}, testLogger(t))
+	c := newCompiler("test", s.opt, testLogger(t))
 	snap, err := s.compile(c, st)
 	if err != nil {
 		t.Fatalf("compile with neutralisation: %v", err)

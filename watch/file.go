@@ -38,10 +38,13 @@ type FileSource struct {
 
 // NewFileSource returns a source for the state file at path. opt.Node selects the local pods;
 // opt.Generation is the generation before the first snapshot (each snapshot gets the next one).
+// A file is applied whole or not at all, so opt.IsolateInvalid is cleared: a policy in it that
+// does not compile keeps the last good snapshot in force, like any other error in the file.
 func NewFileSource(path string, opt policy.Options, log *slog.Logger) *FileSource {
 	if log == nil {
 		log = slog.Default()
 	}
+	opt.IsolateInvalid = false
 	return &FileSource{path: path, opt: opt, log: log.With("source", "file", "path", path), Debounce: DefaultDebounce}
 }
 

@@ -48,20 +48,22 @@ func newCompiler(source string, opt policy.Options, log *slog.Logger) *compiler 
 	return &compiler{source: source, opt: opt, gen: opt.Generation, log: log}
 }
 
-// compile builds the next generation from st. The generation is consumed only on success, so the
-// published generations have no gaps and always increase.
+// compile builds the next generation from st. The generation is consumed only when a snapshot
+// comes back, so the published generations have no gaps and always increase. With
+// Options.IsolateInvalid that snapshot may come with the *policy.CompileError of the policies
+// it isolates.
 func (c *compiler) compile(st *policy.State) (*policy.Snapshot, error) {
 	opt := c.opt
 	opt.Generation = c.gen + 1
 	start := time.Now()
 	snap, err := policy.Compile(st, opt)
 	metricCompile.WithLabelValues(c.source).Observe(time.Since(start).Seconds())
-	if err != nil {
+	if snap == nil {
 		metricErrors.WithLabelValues(c.source, "compile").Inc()
 		return nil, err
 	}
 	c.gen = opt.Generation
-	return snap, nil
+	return snap, err
 }
 
 // published records a snapshot handed to the dataplane; changedAt is when the oldest change it
