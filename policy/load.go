@@ -149,16 +149,14 @@ type ignoredKind struct {
 }
 
 type loader struct {
-	file                          string
-	st                            *State
-	nsOrigin, podOrigin           []origin
-	npOrigin                      []origin
-	errs                          []error
-	notes                         []string
-	ignored                       map[string]*ignoredKind
-	ignoredOrder                  []string
-	listDepth                     int
-	errorsShown, errorsSuppressed int
+	file                string
+	st                  *State
+	nsOrigin, podOrigin []origin
+	npOrigin            []origin
+	errs                []error
+	notes               []string
+	ignored             map[string]*ignoredKind
+	ignoredOrder        []string
 }
 
 func (l *loader) fail(o origin, err error) {

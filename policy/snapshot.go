@@ -129,9 +129,6 @@ type cport struct {
 // Generation is Options.Generation at compile time.
 func (s *Snapshot) Generation() uint64 { return s.opt.Generation }
 
-// Node is Options.Node at compile time.
-func (s *Snapshot) Node() string { return s.opt.Node }
-
 // Decide is the hot path: it answers whether f is allowed on this node, with a one-word
 // reason. It never allocates and takes no lock. Addresses must be native (an IPv4 address is
 // not IPv4-mapped IPv6), as they are in packet headers.

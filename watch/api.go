@@ -125,7 +125,7 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 	s.log.Info("caches synced", "pods", len(s.pods.GetStore().ListKeys()),
 		"namespaces", len(s.nss.GetStore().ListKeys()), "networkpolicies", len(s.pols.GetStore().ListKeys()))
 
-	c := newCompiler("api", s.opt, s.log)
+	pub := newPublisher("api", s.opt, s.log)
 	first := true
 	for {
 		if !first {
@@ -155,18 +155,18 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 		s.dirtyAt = time.Time{}
 		s.mu.Unlock()
 
-		snap, err := s.compile(c, s.state())
+		snap, err := s.compile(pub, s.state())
 		if err != nil {
-			s.log.Error("cluster state does not compile; the last snapshot stays in force", "err", err, "generation", c.gen)
+			s.log.Error("cluster state does not compile; the last snapshot stays in force", "err", err, "generation", pub.gen)
 			continue
 		}
 		publish(snap)
 		if first {
-			c.published(snap, time.Time{})
+			pub.published(snap, time.Time{})
 			s.ready.Store(true)
 			first = false
 		} else {
-			c.published(snap, at)
+			pub.published(snap, at)
 		}
 	}
 }
@@ -270,7 +270,7 @@ func (s *APISource) health(ctx context.Context, resource string, err error) {
 	}
 	delete(s.unhealthy, resource)
 	if len(s.unhealthy) == 0 {
-		s.log.Info("API server reachable again; watches resumed", "staleFor", time.Since(s.staleAt).Round(time.Millisecond).String())
+		s.log.Info("API server reachable again; watches resumed", "stale_for", time.Since(s.staleAt).Round(time.Millisecond).String())
 		s.staleAt = time.Time{}
 		staleSinceNanos.Store(0)
 		metricStale.WithLabelValues("api").Set(0)
@@ -317,8 +317,8 @@ func (s *APISource) state() *policy.State {
 
 // compile compiles st, isolating the policies that do not compile (see APISource) and
 // reporting each once per version of the object.
-func (s *APISource) compile(c *compiler, st *policy.State) (*policy.Snapshot, error) {
-	snap, err := c.compile(st)
+func (s *APISource) compile(pub *publisher, st *policy.State) (*policy.Snapshot, error) {
+	snap, err := pub.compile(st)
 	var ce *policy.CompileError
 	if err != nil && (snap == nil || !errors.As(err, &ce)) {
 		return nil, err

@@ -55,8 +55,8 @@ func TestNeutraliseKeepsIsolation(t *testing.T) {
 		t.Fatal("the broken state compiled; the test needs policies that do not")
 	}
 	s := NewAPISource(nil, policy.Options{}, testLogger(t), 0)
-	c := newCompiler("test", s.opt, testLogger(t))
-	snap, err := s.compile(c, st)
+	pub := newPublisher("test", s.opt, testLogger(t))
+	snap, err := s.compile(pub, st)
 	if err != nil {
 		t.Fatalf("compile with neutralisation: %v", err)
 	}

@@ -69,15 +69,15 @@ func (s *FileSource) Run(ctx context.Context, publish func(*policy.Snapshot)) er
 		return fmt.Errorf("watching the directory of state file %s: %w (does the directory exist?)", s.path, err)
 	}
 
-	c := newCompiler("file", s.opt, s.log)
+	pub := newPublisher("file", s.opt, s.log)
 	// The watch is set up before the first read, so a write in between is not missed.
-	snap, sum, err := s.load(c, abs, nil)
+	snap, sum, err := s.load(pub, abs, nil)
 	if err != nil {
 		metricErrors.WithLabelValues("file", "load").Inc()
 		return fmt.Errorf("state file %s: %w", s.path, err)
 	}
 	publish(snap)
-	c.published(snap, time.Time{})
+	pub.published(snap, time.Time{})
 	s.ready.Store(true)
 	metricStale.WithLabelValues("file").Set(0)
 
@@ -119,12 +119,12 @@ func (s *FileSource) Run(ctx context.Context, publish func(*policy.Snapshot)) er
 		case <-timer.C:
 			at := changedAt
 			changedAt = time.Time{}
-			next, nextSum, err := s.load(c, abs, sum)
+			next, nextSum, err := s.load(pub, abs, sum)
 			if err != nil {
 				metricErrors.WithLabelValues("file", "load").Inc()
 				metricStale.WithLabelValues("file").Set(1)
 				s.log.Error("state file not applied; the last good snapshot stays in force until the file is fixed",
-					"err", err, "generation", c.gen)
+					"err", err, "generation", pub.gen)
 				continue
 			}
 			metricStale.WithLabelValues("file").Set(0)
@@ -133,7 +133,7 @@ func (s *FileSource) Run(ctx context.Context, publish func(*policy.Snapshot)) er
 			}
 			sum = nextSum
 			publish(next)
-			c.published(next, at)
+			pub.published(next, at)
 		}
 	}
 }
@@ -151,7 +151,7 @@ func relevant(ev fsnotify.Event, base string) bool {
 
 // load reads and compiles the file. When its bytes hash to prev it returns a nil snapshot: a
 // save without changes should not renumber the snapshot and flush every flow cache.
-func (s *FileSource) load(c *compiler, path string, prev []byte) (*policy.Snapshot, []byte, error) {
+func (s *FileSource) load(pub *publisher, path string, prev []byte) (*policy.Snapshot, []byte, error) {
 	raw, err := os.ReadFile(path)
 	if err != nil {
 		return nil, nil, err
@@ -167,7 +167,7 @@ func (s *FileSource) load(c *compiler, path string, prev []byte) (*policy.Snapsh
 	for _, n := range notes {
 		s.log.Info("state file note", "note", n)
 	}
-	snap, err := c.compile(st)
+	snap, err := pub.compile(st)
 	if err != nil {
 		return nil, nil, fmt.Errorf("compiling the policies: %w", err)
 	}

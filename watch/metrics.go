@@ -21,13 +21,9 @@ var (
 		Help:    "Time spent in policy.Compile for one snapshot.",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
 	}, []string{"source"})
-	metricGeneration = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "sluice_watch_snapshot_generation",
-		Help: "Generation of the last snapshot published.",
-	}, []string{"source"})
 	metricSnapshotSize = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "sluice_watch_snapshot_objects",
-		Help: "Size of the last snapshot published, by kind (namespaces, pods, local_pods, policies, rules).",
+		Help: "Size of the last snapshot published, by kind (namespaces, pods, local_pods, policies, rules, invalid_policies: policies that do not compile and only isolate).",
 	}, []string{"source", "kind"})
 	metricLastPublish = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "sluice_watch_last_publish_timestamp_seconds",
@@ -53,7 +49,7 @@ var (
 
 // Collectors returns every watch metric, for registries built by hand.
 func Collectors() []prometheus.Collector {
-	return []prometheus.Collector{metricPropagation, metricCompile, metricGeneration, metricSnapshotSize,
+	return []prometheus.Collector{metricPropagation, metricCompile, metricSnapshotSize,
 		metricLastPublish, metricErrors, metricStale, metricStaleSeconds, metricReady}
 }
 
