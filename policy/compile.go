@@ -32,15 +32,15 @@ func Compile(st *State, opt Options) (*Snapshot, error) {
 	c := compiler{
 		s: &Snapshot{
 			opt: opt,
-			by4: make(map[[4]byte]int32),
-			by6: make(map[[16]byte]int32),
+			by4: make(map[[4]byte]podID),
+			by6: make(map[[16]byte]podID),
 		},
-		portIDs:  make(map[string]int32),
+		portIDs:  make(map[string]portName),
 		nsLabels: make(map[string]labels.Set),
-		nsPods:   make(map[string][]int32),
+		nsPods:   make(map[string][]podID),
 		selCache: make(map[string]int32),
 		nsCache:  make(map[string][]string),
-		byLabel:  make(map[string]map[string][]int32),
+		byLabel:  make(map[string]map[string][]podID),
 	}
 	c.namespaces(st.Namespaces)
 	c.pods(st.Pods)
@@ -90,12 +90,12 @@ type compiler struct {
 	s        *Snapshot
 	nsLabels map[string]labels.Set
 	nsNames  []string                      // sorted, every namespace known from objects or pods
-	nsPods   map[string][]int32            // namespace -> its participating pods
-	portIDs  map[string]int32              // named-port names interned to small ids, only needed while compiling
+	nsPods   map[string][]podID            // namespace -> its participating pods
+	portIDs  map[string]portName           // named-port names interned to small ids, only needed while compiling
 	labels   []labels.Set                  // pod index -> the pod's labels (only needed while compiling)
-	byLabel  map[string]map[string][]int32 // label key -> value -> pods, ascending
-	ingress  [][]int32                     // pod index -> rules, flattened into Snapshot.entries at the end
-	egress   [][]int32
+	byLabel  map[string]map[string][]podID // label key -> value -> pods, ascending
+	ingress  [][]ruleID                    // pod -> rules, flattened into Snapshot.entries at the end
+	egress   [][]ruleID
 	ports    [][]namedPort
 	selCache map[string]int32 // peer selector key -> index in s.sets
 	nsCache  map[string][]string
@@ -164,7 +164,7 @@ func (c *compiler) pods(in []corev1.Pod) {
 	s.pods = make([]cpod, 0, len(idx))
 	for _, i := range idx {
 		p := &in[i]
-		pi := int32(len(s.pods))
+		pi := podID(len(s.pods))
 		cp := cpod{
 			ref:   PodRef{Namespace: p.Namespace, Name: p.Name},
 			node:  p.Spec.NodeName,
@@ -176,7 +176,7 @@ func (c *compiler) pods(in []corev1.Pod) {
 			ports = append(ports, namedPort{name: c.portName(cp.name), proto: cp.proto, port: cp.port})
 		}
 		for _, a := range cp.ips {
-			if _, taken := s.lookup(a); taken {
+			if s.lookup(a).isPod() {
 				continue
 			}
 			if a.Is4() {
@@ -191,7 +191,7 @@ func (c *compiler) pods(in []corev1.Pod) {
 		for k, v := range p.Labels {
 			vals := c.byLabel[k]
 			if vals == nil {
-				vals = make(map[string][]int32)
+				vals = make(map[string][]podID)
 				c.byLabel[k] = vals
 			}
 			vals[v] = append(vals[v], pi)
@@ -207,8 +207,8 @@ func (c *compiler) pods(in []corev1.Pod) {
 		c.nsNames = append(c.nsNames, name)
 	}
 	slices.Sort(c.nsNames)
-	c.ingress = make([][]int32, len(s.pods))
-	c.egress = make([][]int32, len(s.pods))
+	c.ingress = make([][]ruleID, len(s.pods))
+	c.egress = make([][]ruleID, len(s.pods))
 }
 
 // containerPort is a named container port as a NetworkPolicy's named port resolves it.
@@ -240,12 +240,12 @@ func namedContainerPorts(p *corev1.Pod) iter.Seq[containerPort] {
 func (c *compiler) flatten() {
 	s := c.s
 	s.hot = make([]podHot, len(s.pods))
-	put := func(rules []int32) span {
+	put := func(rules []ruleID) span {
 		lo := uint32(len(s.entries))
 		for _, ri := range rules {
 			r := &s.rules[ri]
 			if r.allPorts {
-				s.entries = append(s.entries, portEntry{rule: ri, name: -1})
+				s.entries = append(s.entries, portEntry{rule: ri, name: noName})
 				continue
 			}
 			for _, p := range r.ports {
@@ -273,11 +273,11 @@ func (c *compiler) flatten() {
 	}
 }
 
-func (c *compiler) portName(name string) int32 {
+func (c *compiler) portName(name string) portName {
 	if id, ok := c.portIDs[name]; ok {
 		return id
 	}
-	id := int32(len(c.portIDs))
+	id := portName(len(c.portIDs))
 	c.portIDs[name] = id
 	return id
 }
@@ -314,7 +314,7 @@ func (c *compiler) policy(np *networkingv1.NetworkPolicy) *PolicyError {
 	pi := int32(len(s.policies))
 	ing, eg := PolicyTypes(np)
 	nrules := len(s.rules)
-	var ingRules, egRules []int32
+	var ingRules, egRules []ruleID
 	if ing {
 		for i := range np.Spec.Ingress {
 			r := &np.Spec.Ingress[i]
@@ -358,7 +358,7 @@ func (c *compiler) isolateOnly(np *networkingv1.NetworkPolicy) {
 }
 
 // apply adds np to the snapshot and its rules to the pods sel selects in its namespace.
-func (c *compiler) apply(np *networkingv1.NetworkPolicy, sel labels.Selector, ing, eg bool, ingRules, egRules []int32) {
+func (c *compiler) apply(np *networkingv1.NetworkPolicy, sel labels.Selector, ing, eg bool, ingRules, egRules []ruleID) {
 	s := c.s
 	pi := int32(len(s.policies))
 	s.policies = append(s.policies, cpolicy{name: np.Namespace + "/" + np.Name})
@@ -389,7 +389,7 @@ func invalidPolicyType(np *networkingv1.NetworkPolicy) int {
 	return -1
 }
 
-func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (int32, *PolicyError) {
+func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (ruleID, *PolicyError) {
 	r := crule{policy: pol, dir: dir, index: int32(index), allPeers: len(peers) == 0, allPorts: len(ports) == 0}
 	path := field.NewPath("spec").Child(dir.specField()).Index(index)
 	var all netipx.IPSetBuilder
@@ -432,7 +432,7 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 		if !ok {
 			return 0, fieldError(at.Child("protocol"), "%q is not TCP, UDP or SCTP", *p.Protocol)
 		}
-		cp := cport{proto: proto, name: -1, index: int32(i)}
+		cp := cport{proto: proto, name: noName, index: int32(i)}
 		var text string
 		switch {
 		case p.Port == nil:
@@ -473,7 +473,7 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 		r.portText = append(r.portText, text)
 	}
 	c.s.rules = append(c.s.rules, r)
-	return int32(len(c.s.rules) - 1), nil
+	return ruleID(len(c.s.rules) - 1), nil
 }
 
 // policyPortProtocol is a policy port's protocol after the API server's defaulting (TCP).
@@ -574,11 +574,11 @@ func (c *compiler) selectNamespaces(sel labels.Selector) []string {
 // selectPods returns the pods of namespaces nss that podSel (nil: all) matches. With many
 // namespaces it starts from the label index of the selector's narrowest equality requirement
 // instead of testing every pod, which keeps Compile linear in practice at 50k pods.
-func (c *compiler) selectPods(nss []string, podSel labels.Selector) []int32 {
+func (c *compiler) selectPods(nss []string, podSel labels.Selector) []podID {
 	if podSel != nil && podSel.Empty() {
 		podSel = nil
 	}
-	var members []int32
+	var members []podID
 	if cand, ok := c.candidates(podSel); ok && len(nss) > 1 {
 		in := make(map[string]bool, len(nss))
 		for _, ns := range nss {
@@ -603,7 +603,7 @@ func (c *compiler) selectPods(nss []string, podSel labels.Selector) []int32 {
 
 // candidates returns a superset of the pods sel matches, from the label index, when sel has
 // an equality (=, ==, in) requirement; ok is false otherwise.
-func (c *compiler) candidates(sel labels.Selector) (cand []int32, ok bool) {
+func (c *compiler) candidates(sel labels.Selector) (cand []podID, ok bool) {
 	if sel == nil {
 		return nil, false
 	}
@@ -614,7 +614,7 @@ func (c *compiler) candidates(sel labels.Selector) (cand []int32, ok bool) {
 		default:
 			continue
 		}
-		var list []int32
+		var list []podID
 		for v := range r.Values() {
 			list = append(list, c.byLabel[r.Key()][v]...)
 		}

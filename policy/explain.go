@@ -20,16 +20,15 @@ func (s *Snapshot) Explain(f Flow) Explanation {
 		Protocol:    f.Proto.String(),
 		Port:        f.Port,
 	}
-	si, srcPod := s.lookup(f.Src)
-	di, dstPod := s.lookup(f.Dst)
-	e.Egress = s.side(Egress, f, si, srcPod, di, dstPod)
-	e.Ingress = s.side(Ingress, f, di, dstPod, si, srcPod)
+	r := s.resolve(f)
+	e.Egress = s.side(Egress, &r)
+	e.Ingress = s.side(Ingress, &r)
 	return e
 }
 
 func (s *Snapshot) endpoint(ip netip.Addr) Endpoint {
 	ep := Endpoint{IP: ip}
-	if i, ok := s.lookup(ip); ok {
+	if i := s.lookup(ip); i.isPod() {
 		p := &s.pods[i]
 		ref := p.ref
 		ep.Pod, ep.Local, ep.Node = &ref, p.local, p.node
@@ -47,15 +46,16 @@ func (s *Snapshot) Describe(ip netip.Addr) string {
 
 // side explains one direction: egress judged at the source (self = source, peer =
 // destination) or ingress judged at the destination (self = destination, peer = source).
-func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer int32, peerPod bool) Side {
-	selfIP, peerIP := f.Src, f.Dst
-	role := "source"
-	if dir == Ingress {
-		selfIP, peerIP = f.Dst, f.Src
-		role = "destination"
+func (s *Snapshot) side(dir Direction, r *resolved) Side {
+	egress := dir == Egress
+	peerIP, peer := r.peer(egress)
+	selfIP, self := r.peer(!egress)
+	role := "destination"
+	if egress {
+		role = "source"
 	}
-	word := strings.ToLower(string(dir))
-	if !selfPod {
+	word := dir.specField()
+	if !self.isPod() {
 		return Side{Allowed: true, Why: fmt.Sprintf("the %s %s is not a pod, so no policy restricts its %s", role, selfIP, word)}
 	}
 	p := &s.pods[self]
@@ -75,27 +75,22 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 	for _, pi := range by {
 		sd.IsolatingPolicies = append(sd.IsolatingPolicies, s.policies[pi].name)
 	}
-	// Named ports resolve against the destination pod: the peer for egress, self for ingress.
-	dst, dstPod := peer, peerPod
-	if dir == Ingress {
-		dst, dstPod = self, true
-	}
 	peerName := s.Describe(peerIP)
 	for _, ri := range rules {
-		r := &s.rules[ri]
-		ref := RuleRef{Policy: s.policies[r.policy].name, Direction: dir, Rule: int(r.index)}
-		at := fmt.Sprintf("%s %s rule %d", ref.Policy, word, r.index)
-		port := s.portIndex(r, f, dst, dstPod)
-		if port < -1 {
-			sd.Unmatched = append(sd.Unmatched, fmt.Sprintf("%s: %s/%d is not among its ports (%s)", at, f.Proto, f.Port, r.portsText()))
+		rule := &s.rules[ri]
+		ref := RuleRef{Policy: s.policies[rule.policy].name, Direction: dir, Rule: int(rule.index)}
+		at := fmt.Sprintf("%s %s rule %d", ref.Policy, word, rule.index)
+		port := s.portMatch(rule, r)
+		if port == noMatch {
+			sd.Unmatched = append(sd.Unmatched, fmt.Sprintf("%s: %s/%d is not among its ports (%s)", at, r.Proto, r.Port, rule.portsText()))
 			continue
 		}
-		pe := r.peerIndex(s, peerIP, peer, peerPod)
-		if pe < -1 {
+		pe := rule.peerMatch(s, peerIP, peer)
+		if pe == noMatch {
 			sd.Unmatched = append(sd.Unmatched, fmt.Sprintf("%s: %s matches none of its peers", at, peerName))
 			continue
 		}
-		ref.Peer, ref.Port = pe, port
+		ref.Peer, ref.Port = int(pe), int(port)
 		sd.MatchedBy = append(sd.MatchedBy, ref)
 	}
 	sd.Allowed = len(sd.MatchedBy) > 0
@@ -103,11 +98,11 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 	switch {
 	case sd.Allowed:
 		m := sd.MatchedBy[0]
-		sd.Why = fmt.Sprintf("%s is isolated for %s by %s; %s %s rule %d allows %s on %s/%d", p.ref, word, policies, m.Policy, word, m.Rule, peerName, f.Proto, f.Port)
+		sd.Why = fmt.Sprintf("%s is isolated for %s by %s; %s %s rule %d allows %s on %s/%d", p.ref, word, policies, m.Policy, word, m.Rule, peerName, r.Proto, r.Port)
 	case len(rules) == 0:
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s, which allow no %s at all", p.ref, word, policies, word)
 	default:
-		sd.Why = fmt.Sprintf("%s is isolated for %s by %s and no %s rule allows %s on %s/%d", p.ref, word, policies, word, peerName, f.Proto, f.Port)
+		sd.Why = fmt.Sprintf("%s is isolated for %s by %s and no %s rule allows %s on %s/%d", p.ref, word, policies, word, peerName, r.Proto, r.Port)
 	}
 	return sd
 }
