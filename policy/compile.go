@@ -156,12 +156,13 @@ func (c *compiler) pods(in []corev1.Pod) {
 			idx = append(idx, i)
 		}
 	}
-	// (namespace, name) order makes "who owns a reused IP" and every listing deterministic.
+	// (namespace, name) order makes every listing and "who owns a reused IP" deterministic.
 	slices.SortFunc(idx, func(a, b int) int {
 		return cmp.Or(cmp.Compare(in[a].Namespace, in[b].Namespace), cmp.Compare(in[a].Name, in[b].Name))
 	})
 	s := c.s
 	s.pods = make([]cpod, 0, len(idx))
+	claims := make([]uint8, 0, len(idx))
 	for _, i := range idx {
 		p := &in[i]
 		pi := podID(len(s.pods))
@@ -175,8 +176,11 @@ func (c *compiler) pods(in []corev1.Pod) {
 		for cp := range namedContainerPorts(p) {
 			ports = append(ports, namedPort{name: c.portName(cp.name), proto: cp.proto, port: cp.port})
 		}
+		claim := addressClaim(p, cp.local)
+		claims = append(claims, claim)
 		for _, a := range cp.ips {
-			if s.lookup(a).isPod() {
+			// Pods come in (namespace, name) order, so a tie keeps the first.
+			if owner := s.lookup(a); owner.isPod() && claims[owner] <= claim {
 				continue
 			}
 			if a.Is4() {
@@ -209,6 +213,27 @@ func (c *compiler) pods(in []corev1.Pod) {
 	slices.Sort(c.nsNames)
 	c.ingress = make([][]ruleID, len(s.pods))
 	c.egress = make([][]ruleID, len(s.pods))
+}
+
+// addressClaim ranks a participating pod's claim to its addresses; when pods claim the same
+// address, the lowest claim owns it (a stale status during IP reuse, or a pod that still lists
+// an address its sandbox gave up). A terminating pod (deletionTimestamp set) loses to any
+// other: it may have released the address already. Then a pod on this node beats a remote
+// one: a packet of this node's pod interfaces is the local pod's, and letting a remote pod's
+// stale status take the address would switch the local pod's enforcement off. Then a Running
+// pod beats a Pending or Unknown one. Ties go to the first in (namespace, name) order.
+func addressClaim(p *corev1.Pod, local bool) uint8 {
+	var c uint8
+	if p.DeletionTimestamp != nil {
+		c |= 4
+	}
+	if !local {
+		c |= 2
+	}
+	if p.Status.Phase != corev1.PodRunning {
+		c |= 1
+	}
+	return c
 }
 
 // containerPort is a named container port as a NetworkPolicy's named port resolves it.

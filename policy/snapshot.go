@@ -335,14 +335,19 @@ func (s *Snapshot) IsLocal(ip netip.Addr) bool {
 	return i.isPod() && s.pods[i].local
 }
 
-// LocalPodIPs lists every address of every local pod: the addresses whose packets this node
-// must queue. When two pods claim one address (a stale status during IP reuse), the address
-// may be listed though IsLocal names a remote owner; queueing it is harmless.
+// LocalPodIPs lists every address a local pod owns: the addresses whose packets this node
+// must queue. An address several pods claim is listed when its owner (see addressClaim) is
+// local, so it is listed once and exactly when IsLocal says so.
 func (s *Snapshot) LocalPodIPs() []netip.Addr {
 	var out []netip.Addr
 	for i := range s.pods {
-		if s.pods[i].local {
-			out = append(out, s.pods[i].ips...)
+		if !s.pods[i].local {
+			continue
+		}
+		for _, a := range s.pods[i].ips {
+			if s.lookup(a) == podID(i) {
+				out = append(out, a)
+			}
 		}
 	}
 	return out

@@ -2,6 +2,7 @@ package watch
 
 import (
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -133,5 +134,16 @@ func TestTrimKeepsWhatPolicyReads(t *testing.T) {
 	m3, _ := trim(moved)
 	if !relevantChange(cp, m3) {
 		t.Error("a label change not counted")
+	}
+	// A pod being deleted loses an address it shares with another pod (policy.Compile), so
+	// deletionTimestamp is kept and its arrival is a change.
+	deleting := in.DeepCopy()
+	deleting.DeletionTimestamp = &metav1.Time{Time: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)}
+	m4, _ := trim(deleting)
+	if got := m4.(*cachedPod).pod(); got.DeletionTimestamp == nil || !got.DeletionTimestamp.Equal(deleting.DeletionTimestamp) {
+		t.Errorf("trim lost deletionTimestamp: %v", got.DeletionTimestamp)
+	}
+	if !relevantChange(cp, m4) {
+		t.Error("a pod turning terminating not counted as a change")
 	}
 }
