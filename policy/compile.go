@@ -2,10 +2,10 @@ package policy
 
 import (
 	"cmp"
+	"encoding/binary"
 	"iter"
 	"net/netip"
 	"slices"
-	"strconv"
 
 	"github.com/gaissmai/bart"
 	"go4.org/netipx"
@@ -29,7 +29,14 @@ import (
 // the snapshot together with the CompileError, and each invalid policy in it isolates the pods
 // it selects for the directions it declares, with none of its rules (see isolateOnly).
 func Compile(st *State, opt Options) (*Snapshot, error) {
+	return compile(st, opt, true)
+}
+
+// compile is Compile; bounded false skips the size bounds, for the test that shows what they
+// prevent.
+func compile(st *State, opt Options, bounded bool) (*Snapshot, error) {
 	c := compiler{
+		bounded: bounded,
 		s: &Snapshot{
 			opt: opt,
 			by4: make(map[[4]byte]podID),
@@ -88,16 +95,15 @@ func Compile(st *State, opt Options) (*Snapshot, error) {
 
 type compiler struct {
 	s        *Snapshot
+	bounded  bool
 	nsLabels map[string]labels.Set
 	nsNames  []string                      // sorted, every namespace known from objects or pods
 	nsPods   map[string][]podID            // namespace -> its participating pods
-	portIDs  map[string]portName           // named-port names interned to small ids, only needed while compiling
+	portIDs  map[string]portName           // the port names rules use, interned to small ids
 	labels   []labels.Set                  // pod index -> the pod's labels (only needed while compiling)
 	byLabel  map[string]map[string][]podID // label key -> value -> pods, ascending
-	ingress  [][]ruleID                    // pod -> rules, flattened into Snapshot.entries at the end
-	egress   [][]ruleID
-	ports    [][]namedPort
-	selCache map[string]int32 // peer selector key -> index in s.sets
+	ports    [][]containerPort             // pod -> its named ports, interned in flatten when a rule names them
+	selCache map[string]int32              // peer selector key -> index in s.sets
 	nsCache  map[string][]string
 }
 
@@ -172,9 +178,9 @@ func (c *compiler) pods(in []corev1.Pod) {
 			local: s.opt.Node == "" || p.Spec.NodeName == s.opt.Node,
 			ips:   PodAddrs(p),
 		}
-		var ports []namedPort
+		var ports []containerPort
 		for cp := range namedContainerPorts(p) {
-			ports = append(ports, namedPort{name: c.portName(cp.name), proto: cp.proto, port: cp.port})
+			ports = append(ports, cp)
 		}
 		claim := addressClaim(p, cp.local)
 		claims = append(claims, claim)
@@ -211,8 +217,6 @@ func (c *compiler) pods(in []corev1.Pod) {
 		c.nsNames = append(c.nsNames, name)
 	}
 	slices.Sort(c.nsNames)
-	c.ingress = make([][]ruleID, len(s.pods))
-	c.egress = make([][]ruleID, len(s.pods))
 }
 
 // addressClaim ranks a participating pod's claim to its addresses; when pods claim the same
@@ -261,41 +265,90 @@ func namedContainerPorts(p *corev1.Pod) iter.Seq[containerPort] {
 	}
 }
 
-// flatten lays the per-pod rules and named ports out in the snapshot's flat arrays.
+// flatten lays the compiled rules out in the snapshot's flat arrays: each policy's port entries
+// per direction, then per local pod the list of the entry ranges of the policies isolating it.
+// Remote pods get no lists: nothing reads a remote pod's isolation, since its own node judges
+// it. Pods isolated by the same policies share one list (and one slice of policy indexes), so a
+// policy with thousands of ports costs its size once, not once per pod. Named ports are kept
+// for every pod (egress to a remote pod resolves against its ports), but only names some rule
+// uses.
 func (c *compiler) flatten() {
 	s := c.s
+	for i := range s.policies {
+		p := &s.policies[i]
+		p.ingressAt, p.egressAt = c.layOut(p.ingress), c.layOut(p.egress)
+	}
 	s.hot = make([]podHot, len(s.pods))
-	put := func(rules []ruleID) span {
-		lo := uint32(len(s.entries))
-		for _, ri := range rules {
-			r := &s.rules[ri]
-			if r.allPorts {
-				s.entries = append(s.entries, portEntry{rule: ri, name: noName})
-				continue
+	type list struct {
+		by []int32
+		at span
+	}
+	lists := make(map[string]list)
+	var key []byte
+	share := func(by []int32, dir Direction) ([]int32, span) {
+		if len(by) == 0 {
+			return nil, span{}
+		}
+		key = append(key[:0], dir.specField()...)
+		for _, pi := range by {
+			key = binary.LittleEndian.AppendUint32(key, uint32(pi))
+		}
+		if l, ok := lists[string(key)]; ok {
+			return l.by, l.at
+		}
+		lo := uint32(len(s.lists))
+		for _, pi := range by {
+			at := s.policies[pi].ingressAt
+			if dir == Egress {
+				at = s.policies[pi].egressAt
 			}
-			for _, p := range r.ports {
-				s.entries = append(s.entries, portEntry{lo: p.lo, hi: p.hi, name: p.name, rule: ri, proto: p.proto, anyNum: p.anyNum})
+			if at.lo < at.hi {
+				s.lists = append(s.lists, at)
 			}
 		}
-		return span{lo, uint32(len(s.entries))}
+		l := list{by: by, at: span{lo, uint32(len(s.lists))}}
+		lists[string(key)] = l
+		return l.by, l.at
 	}
 	for i := range s.pods {
 		p, h := &s.pods[i], &s.hot[i]
-		p.ingressRules, p.egressRules = c.ingress[i], c.egress[i]
-		h.ingress, h.egress = put(c.ingress[i]), put(c.egress[i])
 		lo := uint32(len(s.ports))
-		s.ports = append(s.ports, c.ports[i]...)
-		h.ports = span{lo, uint32(len(s.ports))}
-		if p.local {
-			h.flags |= podLocal
+		for _, cp := range c.ports[i] {
+			if id, ok := c.portIDs[cp.name]; ok {
+				s.ports = append(s.ports, namedPort{name: id, proto: cp.proto, port: cp.port})
+			}
 		}
+		h.ports = span{lo, uint32(len(s.ports))}
+		if !p.local {
+			continue
+		}
+		h.flags |= podLocal
 		if len(p.ingressBy) > 0 {
 			h.flags |= podIngressIsolated
 		}
 		if len(p.egressBy) > 0 {
 			h.flags |= podEgressIsolated
 		}
+		p.ingressBy, h.ingress = share(p.ingressBy, Ingress)
+		p.egressBy, h.egress = share(p.egressBy, Egress)
 	}
+}
+
+// layOut appends the port entries of rules to the snapshot's entries.
+func (c *compiler) layOut(rules []ruleID) span {
+	s := c.s
+	lo := uint32(len(s.entries))
+	for _, ri := range rules {
+		r := &s.rules[ri]
+		if r.allPorts {
+			s.entries = append(s.entries, portEntry{rule: ri, name: noName})
+			continue
+		}
+		for _, p := range r.ports {
+			s.entries = append(s.entries, portEntry{lo: p.lo, hi: p.hi, name: p.name, rule: ri, proto: p.proto, anyNum: p.anyNum})
+		}
+	}
+	return span{lo, uint32(len(s.entries))}
 }
 
 func (c *compiler) portName(name string) portName {
@@ -304,6 +357,7 @@ func (c *compiler) portName(name string) portName {
 	}
 	id := portName(len(c.portIDs))
 	c.portIDs[name] = id
+	c.s.names = append(c.s.names, name)
 	return id
 }
 
@@ -331,6 +385,11 @@ func (c *compiler) policy(np *networkingv1.NetworkPolicy) *PolicyError {
 	spec := field.NewPath("spec")
 	if i := invalidPolicyType(np); i >= 0 {
 		return fieldError(spec.Child("policyTypes").Index(i), "%q is not Ingress or Egress", np.Spec.PolicyTypes[i])
+	}
+	if c.bounded {
+		if err := checkSize(np); err != nil {
+			return err
+		}
 	}
 	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
 	if err != nil {
@@ -382,23 +441,22 @@ func (c *compiler) isolateOnly(np *networkingv1.NetworkPolicy) {
 	c.apply(np, sel, ing, eg, nil, nil)
 }
 
-// apply adds np to the snapshot and its rules to the pods sel selects in its namespace.
+// apply adds np with its rules to the snapshot, isolating the local pods sel selects in its
+// namespace (remote pods' isolation is their node's business).
 func (c *compiler) apply(np *networkingv1.NetworkPolicy, sel labels.Selector, ing, eg bool, ingRules, egRules []ruleID) {
 	s := c.s
 	pi := int32(len(s.policies))
-	s.policies = append(s.policies, cpolicy{name: np.Namespace + "/" + np.Name})
+	s.policies = append(s.policies, cpolicy{name: np.Namespace + "/" + np.Name, ingress: ingRules, egress: egRules})
 	for _, p := range c.nsPods[np.Namespace] {
 		pod := &s.pods[p]
-		if !sel.Matches(c.labels[p]) {
+		if !pod.local || !sel.Matches(c.labels[p]) {
 			continue
 		}
 		if ing {
 			pod.ingressBy = append(pod.ingressBy, pi)
-			c.ingress[p] = append(c.ingress[p], ingRules...)
 		}
 		if eg {
 			pod.egressBy = append(pod.egressBy, pi)
-			c.egress[p] = append(c.egress[p], egRules...)
 		}
 	}
 }
@@ -426,12 +484,12 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 		case peer.IPBlock != nil && hasSel:
 			return 0, fieldError(at, "ipBlock cannot be combined with podSelector or namespaceSelector")
 		case peer.IPBlock != nil:
-			set, err := blockSet(peer.IPBlock, at.Child("ipBlock"))
+			b, err := parseBlock(peer.IPBlock, at.Child("ipBlock"))
 			if err != nil {
 				return 0, err
 			}
-			all.AddSet(set)
-			r.blockPeers = append(r.blockPeers, blockPeer{index: int32(i), set: liteOf(set)})
+			b.addTo(&all)
+			r.blockPeers = append(r.blockPeers, blockPeer{index: int32(i), block: b})
 		case hasSel:
 			si, err := c.peerSet(ns, peer, at)
 			if err != nil {
@@ -458,14 +516,12 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 			return 0, fieldError(at.Child("protocol"), "%q is not TCP, UDP or SCTP", *p.Protocol)
 		}
 		cp := cport{proto: proto, name: noName, index: int32(i)}
-		var text string
 		switch {
 		case p.Port == nil:
 			if p.EndPort != nil {
 				return 0, fieldError(at.Child("endPort"), "needs a numeric port")
 			}
 			cp.anyNum = true
-			text = "all " + proto.String() + " ports"
 		case p.Port.Type == intstr.String:
 			if p.EndPort != nil {
 				return 0, fieldError(at.Child("endPort"), "not allowed with the named port %q", p.Port.StrVal)
@@ -474,7 +530,6 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 				return 0, fieldError(at.Child("port"), "empty port name")
 			}
 			cp.name = c.portName(p.Port.StrVal)
-			text = p.Port.StrVal + "/" + proto.String()
 		default:
 			lo := p.Port.IntVal
 			hi := lo
@@ -488,14 +543,8 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 				return 0, fieldError(at.Child("endPort"), "%d must be between port %d and 65535", hi, lo)
 			}
 			cp.lo, cp.hi = uint16(lo), uint16(hi)
-			text = strconv.Itoa(int(lo))
-			if hi != lo {
-				text += "-" + strconv.Itoa(int(hi))
-			}
-			text += "/" + proto.String()
 		}
 		r.ports = append(r.ports, cp)
-		r.portText = append(r.portText, text)
 	}
 	c.s.rules = append(c.s.rules, r)
 	return ruleID(len(c.s.rules) - 1), nil
@@ -509,29 +558,54 @@ func policyPortProtocol(p *networkingv1.NetworkPolicyPort) corev1.Protocol {
 	return *p.Protocol
 }
 
-// blockSet turns an ipBlock (at path) into the exact set of addresses it admits.
-func blockSet(b *networkingv1.IPBlock, path *field.Path) (*netipx.IPSet, *PolicyError) {
+// block is a parsed ipBlock: the addresses in cidr and in none of except.
+type block struct {
+	cidr   netip.Prefix
+	except []netip.Prefix
+}
+
+// parseBlock parses the ipBlock b (at path).
+func parseBlock(b *networkingv1.IPBlock, path *field.Path) (block, *PolicyError) {
 	cidr, err := netip.ParsePrefix(b.CIDR)
 	if err != nil {
-		return nil, fieldError(path.Child("cidr"), "%q is not a CIDR: %v", b.CIDR, err)
+		return block{}, fieldError(path.Child("cidr"), "%q is not a CIDR: %v", b.CIDR, err)
 	}
-	var sb netipx.IPSetBuilder
-	sb.AddPrefix(cidr.Masked())
+	out := block{cidr: cidr.Masked()}
 	for i, e := range b.Except {
 		ex, err := netip.ParsePrefix(e)
 		if err != nil {
-			return nil, fieldError(path.Child("except").Index(i), "%q is not a CIDR: %v", e, err)
+			return block{}, fieldError(path.Child("except").Index(i), "%q is not a CIDR: %v", e, err)
 		}
 		if ex.Addr().Is4() != cidr.Addr().Is4() {
-			return nil, fieldError(path.Child("except").Index(i), "%q is not of the same IP family as cidr %q", e, b.CIDR)
+			return block{}, fieldError(path.Child("except").Index(i), "%q is not of the same IP family as cidr %q", e, b.CIDR)
 		}
-		sb.RemovePrefix(ex.Masked())
+		out.except = append(out.except, ex.Masked())
 	}
-	set, err := sb.IPSet()
-	if err != nil {
-		return nil, &PolicyError{Field: path.String(), Err: err}
+	return out, nil
+}
+
+func (b *block) contains(a netip.Addr) bool {
+	if !b.cidr.Contains(a) {
+		return false
 	}
-	return set, nil
+	for _, e := range b.except {
+		if e.Contains(a) {
+			return false
+		}
+	}
+	return true
+}
+
+// addTo adds b's addresses to sb. IPSetBuilder applies additions and removals in order, so the
+// holes are carved out of this block before the next block is added.
+func (b *block) addTo(sb *netipx.IPSetBuilder) {
+	var one netipx.IPSetBuilder
+	one.AddPrefix(b.cidr)
+	for _, e := range b.except {
+		one.RemovePrefix(e)
+	}
+	set, _ := one.IPSet() // only errors on invalid prefixes, which parseBlock rejected
+	sb.AddSet(set)
 }
 
 func liteOf(set *netipx.IPSet) *bart.Lite {

@@ -2,7 +2,9 @@ package policy
 
 import (
 	"fmt"
+	"iter"
 	"net/netip"
+	"strconv"
 	"strings"
 )
 
@@ -62,9 +64,9 @@ func (s *Snapshot) side(dir Direction, r *resolved) Side {
 	if !p.local {
 		return Side{Allowed: true, Why: fmt.Sprintf("%s runs on node %q; its %s is enforced there", p.ref, p.node, word)}
 	}
-	rules, by := p.ingressRules, p.ingressBy
-	if dir == Egress {
-		rules, by = p.egressRules, p.egressBy
+	by := p.ingressBy
+	if egress {
+		by = p.egressBy
 	}
 	sd := Side{Enforced: true, Isolated: len(by) > 0}
 	if !sd.Isolated {
@@ -76,13 +78,15 @@ func (s *Snapshot) side(dir Direction, r *resolved) Side {
 		sd.IsolatingPolicies = append(sd.IsolatingPolicies, s.policies[pi].name)
 	}
 	peerName := s.Describe(peerIP)
-	for _, ri := range rules {
+	rules := 0
+	for _, ri := range s.rulesOf(by, dir) {
+		rules++
 		rule := &s.rules[ri]
 		ref := RuleRef{Policy: s.policies[rule.policy].name, Direction: dir, Rule: int(rule.index)}
 		at := fmt.Sprintf("%s %s rule %d", ref.Policy, word, rule.index)
 		port := s.portMatch(rule, r)
 		if port == noMatch {
-			sd.Unmatched = append(sd.Unmatched, fmt.Sprintf("%s: %s/%d is not among its ports (%s)", at, r.Proto, r.Port, rule.portsText()))
+			sd.Unmatched = append(sd.Unmatched, fmt.Sprintf("%s: %s/%d is not among its ports (%s)", at, r.Proto, r.Port, s.portsText(rule)))
 			continue
 		}
 		pe := rule.peerMatch(s, peerIP, peer)
@@ -99,7 +103,7 @@ func (s *Snapshot) side(dir Direction, r *resolved) Side {
 	case sd.Allowed:
 		m := sd.MatchedBy[0]
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s; %s %s rule %d allows %s on %s/%d", p.ref, word, policies, m.Policy, word, m.Rule, peerName, r.Proto, r.Port)
-	case len(rules) == 0:
+	case rules == 0:
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s, which allow no %s at all", p.ref, word, policies, word)
 	default:
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s and no %s rule allows %s on %s/%d", p.ref, word, policies, word, peerName, r.Proto, r.Port)
@@ -107,6 +111,36 @@ func (s *Snapshot) side(dir Direction, r *resolved) Side {
 	return sd
 }
 
-func (r *crule) portsText() string {
-	return strings.Join(r.portText, ", ")
+// rulesOf yields the rules in direction dir of the policies by, in order.
+func (s *Snapshot) rulesOf(by []int32, dir Direction) iter.Seq2[int, ruleID] {
+	return func(yield func(int, ruleID) bool) {
+		n := 0
+		for _, pi := range by {
+			for _, ri := range s.policies[pi].rules(dir) {
+				if !yield(n, ri) {
+					return
+				}
+				n++
+			}
+		}
+	}
+}
+
+// portsText lists r's ports as written.
+func (s *Snapshot) portsText(r *crule) string {
+	texts := make([]string, len(r.ports))
+	for i := range r.ports {
+		p := &r.ports[i]
+		switch {
+		case p.anyNum:
+			texts[i] = "all " + p.proto.String() + " ports"
+		case p.name != noName:
+			texts[i] = s.names[p.name] + "/" + p.proto.String()
+		case p.lo == p.hi:
+			texts[i] = strconv.Itoa(int(p.lo)) + "/" + p.proto.String()
+		default:
+			texts[i] = strconv.Itoa(int(p.lo)) + "-" + strconv.Itoa(int(p.hi)) + "/" + p.proto.String()
+		}
+	}
+	return strings.Join(texts, ", ")
 }

@@ -191,12 +191,12 @@ func (l *linter) peerNamespaces(policyNS string, peer *networkingv1.NetworkPolic
 func (l *linter) peerPods(policyNS string, peer *networkingv1.NetworkPolicyPeer) []*corev1.Pod {
 	var out []*corev1.Pod
 	if peer.IPBlock != nil {
-		set, err := blockSet(peer.IPBlock, field.NewPath("ipBlock"))
+		b, err := parseBlock(peer.IPBlock, field.NewPath("ipBlock"))
 		if err != nil {
 			return nil
 		}
 		for _, p := range l.pods {
-			if slices.ContainsFunc(PodAddrs(p), set.Contains) {
+			if slices.ContainsFunc(PodAddrs(p), b.contains) {
 				out = append(out, p)
 			}
 		}

@@ -9,14 +9,17 @@ import (
 // Snapshot is the compiled decision structure: an immutable index of one State, built by
 // Compile and safe for concurrent use without locks.
 //
-// Layout, chosen so that Decide touches few cache lines and never allocates:
+// Layout, chosen so that Decide touches few cache lines and never allocates, and so that memory
+// follows the size of the policies, not pods times policies:
 //   - by4 and by6 map every participating pod address to its pod (one map lookup per end,
 //     keyed by the address bytes so the key is small and hashes fast);
-//   - hot holds, per pod, only what Decide reads (28 bytes: locality, isolation and ranges of
-//     two flat arrays), apart from the names and addresses Explain needs;
-//   - entries lays out, per pod and direction, the port entries of every rule of the policies
-//     selecting it (16 bytes each, contiguous), so Decide never scans unrelated policies and
-//     only touches a rule (for its peers) when one of its ports matches;
+//   - hot holds, per pod, only what Decide reads (locality, isolation and ranges of two flat
+//     arrays), apart from the names and addresses Explain needs;
+//   - entries lays out, per policy and direction, the port entries of its rules (16 bytes each,
+//     contiguous), and lists holds, per local pod and direction, the entry ranges of the
+//     policies isolating it (pods isolated by the same policies share one list), so Decide never
+//     scans unrelated policies and only touches a rule (for its peers) when one of its ports
+//     matches; remote pods have none, since their own node judges them;
 //   - each distinct peer selector is resolved once to a podSet (bitset or sorted list);
 //   - each rule's ipBlocks (cidr minus except, over all its peers) are flattened into one
 //     disjoint prefix set held in a bart.Lite routing table.
@@ -25,12 +28,14 @@ type Snapshot struct {
 	by4      map[[4]byte]podID
 	by6      map[[16]byte]podID
 	hot      []podHot
-	entries  []portEntry // podHot.ingress and .egress ranges index this
+	lists    []span      // podHot.ingress and .egress ranges index this; each an entries range
+	entries  []portEntry // cpolicy.ingressAt and .egressAt, and so lists, index this
 	ports    []namedPort // podHot.ports ranges index this
 	pods     []cpod
 	rules    []crule
 	policies []cpolicy
 	sets     []podSet
+	names    []string // portName -> the name
 	stats    Stats
 }
 
@@ -77,7 +82,7 @@ type span struct{ lo, hi uint32 }
 
 // podHot is what Decide reads of a pod.
 type podHot struct {
-	ingress, egress span // into Snapshot.entries
+	ingress, egress span // into Snapshot.lists: the entries of each policy isolating the pod
 	ports           span // into Snapshot.ports
 	flags           uint8
 }
@@ -88,8 +93,7 @@ const (
 	podEgressIsolated
 )
 
-// portEntry is one port of one rule that applies to a pod, or the whole rule when it has no
-// ports (proto 0).
+// portEntry is one port of one rule, or the whole rule when it has no ports (proto 0).
 type portEntry struct {
 	lo, hi uint16
 	name   portName
@@ -104,9 +108,8 @@ type cpod struct {
 	node  string
 	local bool
 	ips   []netip.Addr
-	// Rules that apply to this pod, per direction.
-	ingressRules, egressRules []ruleID
-	// Policies (indexes into Snapshot.policies) that isolate this pod, per direction.
+	// Policies (indexes into Snapshot.policies) that isolate this pod, per direction; local
+	// pods only.
 	ingressBy, egressBy []int32
 }
 
@@ -117,7 +120,16 @@ type namedPort struct {
 }
 
 type cpolicy struct {
-	name string // namespace/name
+	name                string // namespace/name
+	ingress, egress     []ruleID
+	ingressAt, egressAt span // the port entries of ingress and egress, into Snapshot.entries
+}
+
+func (p *cpolicy) rules(dir Direction) []ruleID {
+	if dir == Egress {
+		return p.egress
+	}
+	return p.ingress
 }
 
 // crule is one compiled rule. The fields Decide reads come first, so a rule's hot part
@@ -133,15 +145,15 @@ type crule struct {
 
 	peerIdx    []int32     // spec index of each entry of peerSets
 	blockPeers []blockPeer // the ipBlock peers one by one
-	portText   []string    // each port as written, parallel to ports
 	policy     int32
 	index      int32
 	dir        Direction
 }
 
+// blockPeer is one ipBlock peer as written, for Explain (Decide reads crule.blocks).
 type blockPeer struct {
 	index int32
-	set   *bart.Lite
+	block block
 }
 
 // cport is one port entry: 16 bytes.
@@ -214,33 +226,35 @@ func (s *Snapshot) lookup(a netip.Addr) podID {
 	return noPod
 }
 
-// anyRule reports whether one of the port entries in es (of the egress or the ingress rules)
-// lets r through.
-func (s *Snapshot) anyRule(es span, r *resolved, egress bool) bool {
+// anyRule reports whether one of the port entries of the policies in list (their egress or
+// ingress rules) lets r through.
+func (s *Snapshot) anyRule(list span, r *resolved, egress bool) bool {
 	ip, peer := r.peer(egress)
 	tried := noRule // a rule whose peers were already checked, for rules with several ports
-	for i := es.lo; i < es.hi; i++ {
-		e := &s.entries[i]
-		if e.proto != 0 {
-			if e.proto != r.Proto {
-				continue
-			}
-			switch {
-			case e.anyNum:
-			case e.name != noName:
-				if !s.hasNamedPort(r.dst, e.name, r.Proto, r.Port) {
+	for _, es := range s.lists[list.lo:list.hi] {
+		for i := es.lo; i < es.hi; i++ {
+			e := &s.entries[i]
+			if e.proto != 0 {
+				if e.proto != r.Proto {
 					continue
 				}
-			case r.Port < e.lo || r.Port > e.hi:
+				switch {
+				case e.anyNum:
+				case e.name != noName:
+					if !s.hasNamedPort(r.dst, e.name, r.Proto, r.Port) {
+						continue
+					}
+				case r.Port < e.lo || r.Port > e.hi:
+					continue
+				}
+			}
+			if e.rule == tried {
 				continue
 			}
-		}
-		if e.rule == tried {
-			continue
-		}
-		tried = e.rule
-		if s.rules[e.rule].peerMatch(s, ip, peer) != noMatch {
-			return true
+			tried = e.rule
+			if s.rules[e.rule].peerMatch(s, ip, peer) != noMatch {
+				return true
+			}
 		}
 	}
 	return false
@@ -286,7 +300,7 @@ func (r *crule) peerMatch(s *Snapshot, ip netip.Addr, pod podID) match {
 	}
 	if r.blocks != nil && r.blocks.Contains(ip) {
 		for _, b := range r.blockPeers {
-			if b.set.Contains(ip) {
+			if b.block.contains(ip) {
 				return match(b.index)
 			}
 		}
