@@ -247,22 +247,42 @@ type containerPort struct {
 	port  uint16
 }
 
-// namedContainerPorts yields the named ports of p's containers, the protocol defaulted to TCP;
-// a port out of range or of an unknown protocol names nothing.
+// namedContainerPorts yields the named ports of p's containers and sidecars, the protocol
+// defaulted to TCP; a port out of range or of an unknown protocol names nothing.
+//
+// Sidecars are init containers with restartPolicy Always: they run beside the containers for
+// the pod's life and serve ports as they do, and Kubernetes resolves a Service's named
+// targetPort against them too (since 1.32). Other init containers run to completion before
+// the containers start, so their ports never carry the pod's traffic and name nothing.
 func namedContainerPorts(p *corev1.Pod) iter.Seq[containerPort] {
 	return func(yield func(containerPort) bool) {
-		for i := range p.Spec.Containers {
-			for _, port := range p.Spec.Containers[i].Ports {
-				proto, ok := ProtocolFromK8s(port.Protocol)
-				if port.Name == "" || !ok || port.ContainerPort <= 0 || port.ContainerPort > 65535 {
+		each := func(cs []corev1.Container, sidecarsOnly bool) bool {
+			for i := range cs {
+				if sidecarsOnly && !IsSidecar(&cs[i]) {
 					continue
 				}
-				if !yield(containerPort{name: port.Name, proto: proto, port: uint16(port.ContainerPort)}) {
-					return
+				for _, port := range cs[i].Ports {
+					proto, ok := ProtocolFromK8s(port.Protocol)
+					if port.Name == "" || !ok || port.ContainerPort <= 0 || port.ContainerPort > 65535 {
+						continue
+					}
+					if !yield(containerPort{name: port.Name, proto: proto, port: uint16(port.ContainerPort)}) {
+						return false
+					}
 				}
 			}
+			return true
+		}
+		if each(p.Spec.Containers, false) {
+			each(p.Spec.InitContainers, true)
 		}
 	}
+}
+
+// IsSidecar reports whether an init container is a sidecar (restartPolicy Always), whose
+// named ports NetworkPolicy ports can name like a container's.
+func IsSidecar(c *corev1.Container) bool {
+	return c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways
 }
 
 // flatten lays the compiled rules out in the snapshot's flat arrays: each policy's port entries

@@ -11,6 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 )
 
 // brokenState has three pods in namespace a and policies broken in different parts, next to a
@@ -218,4 +219,87 @@ func reasonOf(t *testing.T, word string) Reason {
 	}
 	t.Fatalf("unknown reason %q", word)
 	return 0
+}
+
+// Named ports resolve against the pod's containers and its sidecars (init containers with
+// restartPolicy Always), never against ordinary init containers, which have exited before the
+// pod serves; for ingress at a local pod and for egress to a remote one alike.
+func TestSidecarNamedPorts(t *testing.T) {
+	always := corev1.ContainerRestartPolicyAlways
+	server := func(name, node, ip string) corev1.Pod {
+		p := pod("a", name, node, map[string]string{"app": "server"}, ip)
+		p.Spec.Containers = []corev1.Container{{Name: "app", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 80}}}}
+		p.Spec.InitContainers = []corev1.Container{
+			{Name: "proxy", RestartPolicy: &always, Ports: []corev1.ContainerPort{{Name: "metrics", ContainerPort: 9090}}},
+			{Name: "setup", Ports: []corev1.ContainerPort{{Name: "setup", ContainerPort: 7000}}},
+		}
+		return p
+	}
+	named := func(names ...string) []networkingv1.NetworkPolicyPort {
+		var out []networkingv1.NetworkPolicyPort
+		for _, n := range names {
+			p := intstr.FromString(n)
+			out = append(out, networkingv1.NetworkPolicyPort{Port: &p})
+		}
+		return out
+	}
+	st := &State{
+		Pods: []corev1.Pod{
+			server("local", "n1", "10.0.0.1"),
+			server("remote", "n2", "10.0.1.1"),
+			pod("a", "client", "n1", map[string]string{"app": "client"}, "10.0.0.2"),
+		},
+		Policies: []networkingv1.NetworkPolicy{
+			{
+				ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "server"},
+				Spec: networkingv1.NetworkPolicySpec{
+					PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "server"}},
+					Ingress:     []networkingv1.NetworkPolicyIngressRule{{Ports: named("http", "metrics", "setup")}},
+				},
+			},
+			{
+				ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "client"},
+				Spec: networkingv1.NetworkPolicySpec{
+					PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "client"}},
+					PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+					Egress:      []networkingv1.NetworkPolicyEgressRule{{Ports: named("http", "metrics", "setup")}},
+				},
+			},
+		},
+	}
+	opt := Options{Node: "n1"}
+	s, err := Compile(st, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := netip.MustParseAddr
+	for _, c := range []struct {
+		src, dst string
+		port     uint16
+		want     Verdict
+	}{
+		{"192.0.2.1", "10.0.0.1", 80, Verdict{true, ReasonRule}},
+		{"192.0.2.1", "10.0.0.1", 9090, Verdict{true, ReasonRule}}, // the sidecar's port
+		{"192.0.2.1", "10.0.0.1", 7000, Verdict{false, ReasonIngress}},
+		{"10.0.0.2", "10.0.1.1", 9090, Verdict{true, ReasonRule}}, // egress to a remote pod's sidecar
+		{"10.0.0.2", "10.0.1.1", 7000, Verdict{false, ReasonEgress}},
+		{"10.0.0.2", "10.0.1.1", 80, Verdict{true, ReasonRule}},
+	} {
+		f := Flow{Src: a(c.src), Dst: a(c.dst), Proto: TCP, Port: c.port}
+		if got := s.Decide(f); got != c.want {
+			t.Errorf("%s -> %s:%d = %+v, want %+v", c.src, c.dst, c.port, got, c.want)
+		}
+		if got := ReferenceDecide(st, opt, f); got != c.want {
+			t.Errorf("reference: %s -> %s:%d = %+v, want %+v", c.src, c.dst, c.port, got, c.want)
+		}
+	}
+	e := s.Explain(Flow{Src: a("192.0.2.1"), Dst: a("10.0.0.1"), Proto: TCP, Port: 7000})
+	if len(e.Ingress.Unmatched) != 1 || !strings.Contains(e.Ingress.Unmatched[0], "http/TCP, metrics/TCP, setup/TCP") {
+		t.Errorf("Explain of the init container's port: %+v", e.Ingress)
+	}
+	if got := Lint(st); slices.ContainsFunc(got, func(f Finding) bool {
+		return f.Check == CheckNamedPortUnresolved && strings.Contains(f.Message, `"metrics"`)
+	}) {
+		t.Errorf("lint says the sidecar's port resolves nowhere: %v", got)
+	}
 }

@@ -207,7 +207,17 @@ func refPortMatches(p *networkingv1.NetworkPolicyPort, dstPod *corev1.Pod, f Flo
 		if dstPod == nil {
 			return false
 		}
-		for _, c := range dstPod.Spec.Containers {
+		// A named port is a port of the pod: of its containers, and of its sidecars (init
+		// containers with restartPolicy Always, which serve for the pod's whole life); an
+		// ordinary init container has exited before the pod serves anything.
+		var serving []corev1.Container
+		serving = append(serving, dstPod.Spec.Containers...)
+		for _, c := range dstPod.Spec.InitContainers {
+			if c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+				serving = append(serving, c)
+			}
+		}
+		for _, c := range serving {
 			for _, cp := range c.Ports {
 				cpProto := cp.Protocol
 				if cpProto == "" {

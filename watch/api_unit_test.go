@@ -147,3 +147,41 @@ func TestTrimKeepsWhatPolicyReads(t *testing.T) {
 		t.Error("a pod turning terminating not counted as a change")
 	}
 }
+
+// A sidecar's named port, cached by trim, is one a policy can name; an ordinary init
+// container's is dropped and matches nothing.
+func TestCachedPodSidecarPortsMatch(t *testing.T) {
+	always := corev1.ContainerRestartPolicyAlways
+	in := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "p", Labels: map[string]string{"app": "x"}},
+		Spec: corev1.PodSpec{
+			Containers: []corev1.Container{{Name: "c", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 80, Protocol: corev1.ProtocolTCP}}}},
+			InitContainers: []corev1.Container{
+				{Name: "proxy", RestartPolicy: &always, Ports: []corev1.ContainerPort{{Name: "metrics", ContainerPort: 9090, Protocol: corev1.ProtocolTCP}}},
+				{Name: "setup", Ports: []corev1.ContainerPort{{Name: "setup", ContainerPort: 7000, Protocol: corev1.ProtocolTCP}}},
+			},
+		},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.0.0.1", PodIPs: []corev1.PodIP{{IP: "10.0.0.1"}}},
+	}
+	o, _ := trim(in)
+	var ports []networkingv1.NetworkPolicyPort
+	for _, n := range []string{"http", "metrics", "setup"} {
+		ports = append(ports, networkingv1.NetworkPolicyPort{Port: ptr(intstr.FromString(n))})
+	}
+	st := &policy.State{
+		Pods: []corev1.Pod{o.(*cachedPod).pod()},
+		Policies: []networkingv1.NetworkPolicy{{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "named"},
+			Spec:       networkingv1.NetworkPolicySpec{Ingress: []networkingv1.NetworkPolicyIngressRule{{Ports: ports}}},
+		}},
+	}
+	snap, err := policy.Compile(st, policy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for port, want := range map[uint16]bool{80: true, 9090: true, 7000: false} {
+		if v := snap.Decide(tcp("192.0.2.1", "10.0.0.1", port)); v.Allowed != want {
+			t.Errorf("port %d through the cached pod: %+v, want allowed=%v", port, v, want)
+		}
+	}
+}

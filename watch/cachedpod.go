@@ -49,8 +49,8 @@ func newCachedPod(o *corev1.Pod) *cachedPod {
 		}
 	}
 	for _, c := range o.Spec.InitContainers {
-		// Restartable init containers (sidecars) serve ports like containers do.
-		if c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+		// Sidecars serve ports like containers do; other init containers name nothing.
+		if policy.IsSidecar(&c) {
 			if ports := namedPorts(c.Ports); len(ports) > 0 {
 				p.InitContainers = append(p.InitContainers, corev1.Container{Name: c.Name, Ports: ports, RestartPolicy: c.RestartPolicy})
 			}
