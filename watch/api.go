@@ -39,6 +39,11 @@ import (
 //     NetworkPolicy only for policies that never applied; for one that did, dropping it would
 //     allow what it denied.
 type APISource struct {
+	// Persist, when its Path is set, writes the state of each published snapshot to a
+	// node-local file (rate-limited, and once more when Run returns); LoadPersisted reads it
+	// back. Set it before Run.
+	Persist Persist
+
 	cfg      *rest.Config
 	opt      policy.Options
 	log      *slog.Logger
@@ -126,6 +131,14 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 		"namespaces", len(s.nss.GetStore().ListKeys()), "networkpolicies", len(s.pols.GetStore().ListKeys()))
 
 	pub := newPublisher("api", s.opt, s.log)
+	var store *persister
+	if s.Persist.Path != "" {
+		store = newPersister(s.Persist, s.log)
+		// Its own context: the last write happens after ctx is done, and Run waits for it.
+		storeCtx, stop := context.WithCancel(context.Background())
+		go store.run(storeCtx)
+		defer func() { stop(); <-store.done }()
+	}
 	first := true
 	for {
 		if !first {
@@ -155,12 +168,16 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 		s.dirtyAt = time.Time{}
 		s.mu.Unlock()
 
-		snap, err := s.compile(pub, s.state())
+		st := s.state()
+		snap, err := s.compile(pub, st)
 		if err != nil {
 			s.log.Error("cluster state does not compile; the last snapshot stays in force", "err", err, "generation", pub.gen)
 			continue
 		}
 		publish(snap)
+		if store != nil {
+			store.offer(st, snap.Generation())
+		}
 		if first {
 			pub.published(snap, time.Time{})
 			s.ready.Store(true)

@@ -31,8 +31,16 @@ var (
 	}, []string{"source"})
 	metricErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sluice_watch_errors_total",
-		Help: "Errors by kind: load (state file unreadable or invalid; last good snapshot kept), compile, watch (list/watch against the API server failed), object (an object skipped or neutralised because it is invalid).",
+		Help: "Errors by kind: load (state file unreadable or invalid; last good snapshot kept), compile, watch (list/watch against the API server failed), object (an object skipped or neutralised because it is invalid), persist (the last-known-good state file could not be written).",
 	}, []string{"source", "kind"})
+	metricPersisted = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "sluice_watch_persisted_total",
+		Help: "Writes of the last-known-good state file (at most one per persist interval, plus one at exit).",
+	})
+	metricLastPersist = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "sluice_watch_last_persist_timestamp_seconds",
+		Help: "Unix time the last-known-good state file was last written (0: never, or the store is off).",
+	})
 	metricStale = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "sluice_watch_stale",
 		Help: "1 while the source cannot refresh its state (API server unreachable, or the state file is invalid) and the last good snapshot is kept in force; 0 otherwise.",
@@ -50,7 +58,7 @@ var (
 // Collectors returns every watch metric, for registries built by hand.
 func Collectors() []prometheus.Collector {
 	return []prometheus.Collector{metricPropagation, metricCompile, metricSnapshotSize,
-		metricLastPublish, metricErrors, metricStale, metricStaleSeconds, metricReady}
+		metricLastPublish, metricErrors, metricStale, metricStaleSeconds, metricReady, metricPersisted, metricLastPersist}
 }
 
 // RegisterMetrics registers the watch metrics with r. Registering twice with the same registry
