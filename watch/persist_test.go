@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluice-dev/sluice/internal/clustergen"
 	"github.com/sluice-dev/sluice/policy"
 )
 
@@ -164,6 +165,32 @@ func FuzzLoadPersisted(f *testing.F) {
 		}
 		if snap != nil {
 			snap.Decide(webToDB(5432))
+		}
+	})
+}
+
+// BenchmarkPersist: what one write and one load of the state file cost at the size of the
+// policy benchmarks' largest cluster (10,000 policies, 50,000 pods).
+func BenchmarkPersist(b *testing.B) {
+	st := clustergen.Generate(10000, 1)
+	path := filepath.Join(b.TempDir(), "state")
+	b.Run("write", func(b *testing.B) {
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			if err := writePersisted(path, st, PersistInfo{Generation: uint64(i)}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if fi, err := os.Stat(path); err == nil {
+			b.ReportMetric(float64(fi.Size())/1e6, "MB")
+		}
+	})
+	b.Run("load", func(b *testing.B) {
+		b.ReportAllocs()
+		for i := 0; i < b.N; i++ {
+			if _, _, err := LoadPersisted(path, policy.Options{Node: "node-3"}); err != nil {
+				b.Fatal(err)
+			}
 		}
 	})
 }
