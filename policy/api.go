@@ -10,6 +10,22 @@ const (
 	Egress  Direction = "Egress"
 )
 
+// specField is the name of the direction's rule list in a NetworkPolicy spec.
+func (d Direction) specField() string {
+	if d == Egress {
+		return "egress"
+	}
+	return "ingress"
+}
+
+// peerField is the name of a rule's peer list in this direction.
+func (d Direction) peerField() string {
+	if d == Egress {
+		return "to"
+	}
+	return "from"
+}
+
 // Endpoint describes one end of a flow as the snapshot sees it.
 type Endpoint struct {
 	IP    netip.Addr `json:"ip"`

@@ -2,11 +2,10 @@ package policy
 
 import (
 	"cmp"
-	"errors"
-	"fmt"
+	"encoding/binary"
+	"iter"
 	"net/netip"
 	"slices"
-	"strconv"
 
 	"github.com/gaissmai/bart"
 	"go4.org/netipx"
@@ -16,41 +15,67 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/util/validation/field"
 )
 
 // Compile builds a Snapshot from st, which it only reads. It applies the API server's
 // defaulting itself (policyTypes, TCP ports, the namespace name label), so objects straight
-// from a file or an informer compile alike. An invalid selector, CIDR or port is an error that
-// names the policy and the field: compiling it as "match nothing" or "match all" would
-// silently change who is allowed.
+// from a file or an informer compile alike. A policy with an invalid selector, CIDR, port or
+// policy type, or beyond the size bounds (MaxRules and the others), is a *PolicyError naming
+// the policy and the field: compiling it as "match nothing" or "match all" would silently
+// change who is allowed. Every such policy is listed in one *CompileError.
+//
+// By default a CompileError means no snapshot. With Options.IsolateInvalid, Compile returns
+// the snapshot together with the CompileError, and each invalid policy in it isolates the pods
+// it selects for the directions it declares, with none of its rules (see isolateOnly).
 func Compile(st *State, opt Options) (*Snapshot, error) {
+	return compile(st, opt, true)
+}
+
+// compile is Compile; bounded false skips the size bounds, for the test that shows what they
+// prevent.
+func compile(st *State, opt Options, bounded bool) (*Snapshot, error) {
 	c := compiler{
+		bounded: bounded,
 		s: &Snapshot{
 			opt: opt,
-			by4: make(map[[4]byte]int32),
-			by6: make(map[[16]byte]int32),
+			by4: make(map[[4]byte]podID),
+			by6: make(map[[16]byte]podID),
 		},
-		portIDs:  make(map[string]int32),
+		portIDs:  make(map[string]portName),
 		nsLabels: make(map[string]labels.Set),
-		nsPods:   make(map[string][]int32),
+		nsPods:   make(map[string][]podID),
 		selCache: make(map[string]int32),
 		nsCache:  make(map[string][]string),
-		byLabel:  make(map[string]map[string][]int32),
+		byLabel:  make(map[string]map[string][]podID),
 	}
 	c.namespaces(st.Namespaces)
 	c.pods(st.Pods)
-	var errs []error
-	pols := slices.Clone(st.Policies)
-	slices.SortFunc(pols, func(a, b networkingv1.NetworkPolicy) int {
+	var bad []PolicyError
+	pols := make([]*networkingv1.NetworkPolicy, len(st.Policies))
+	for i := range st.Policies {
+		pols[i] = &st.Policies[i]
+	}
+	slices.SortFunc(pols, func(a, b *networkingv1.NetworkPolicy) int {
 		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
-	for i := range pols {
-		if err := c.policy(&pols[i]); err != nil {
-			errs = append(errs, err)
+	for _, np := range pols {
+		err := c.policy(np)
+		if err == nil {
+			continue
+		}
+		err.Policy = np.Namespace + "/" + np.Name
+		bad = append(bad, *err)
+		if opt.IsolateInvalid {
+			c.isolateOnly(np)
 		}
 	}
-	if err := errors.Join(errs...); err != nil {
-		return nil, err
+	var err error
+	if len(bad) > 0 {
+		err = &CompileError{Policies: bad}
+		if !opt.IsolateInvalid {
+			return nil, err
+		}
 	}
 	c.flatten()
 	s := c.s
@@ -64,34 +89,40 @@ func Compile(st *State, opt Options) (*Snapshot, error) {
 	s.stats.Policies = len(s.policies)
 	s.stats.Rules = len(s.rules)
 	s.stats.PeerSets = len(s.sets)
-	return s, nil
+	s.stats.Invalid = len(bad)
+	return s, err
 }
 
 type compiler struct {
 	s        *Snapshot
+	bounded  bool
 	nsLabels map[string]labels.Set
 	nsNames  []string                      // sorted, every namespace known from objects or pods
-	nsPods   map[string][]int32            // namespace -> its participating pods
-	portIDs  map[string]int32              // named-port names interned to small ids, only needed while compiling
+	nsPods   map[string][]podID            // namespace -> its participating pods
+	portIDs  map[string]portName           // the port names rules use, interned to small ids
 	labels   []labels.Set                  // pod index -> the pod's labels (only needed while compiling)
-	byLabel  map[string]map[string][]int32 // label key -> value -> pods, ascending
-	ingress  [][]int32                     // pod index -> rules, flattened into Snapshot.entries at the end
-	egress   [][]int32
-	ports    [][]namedPort
-	selCache map[string]int32 // peer selector key -> index in s.sets
+	byLabel  map[string]map[string][]podID // label key -> value -> pods, ascending
+	ports    [][]containerPort             // pod -> its named ports, interned in flatten when a rule names them
+	selCache map[string]int32              // peer selector key -> index in s.sets
 	nsCache  map[string][]string
 }
 
 func (c *compiler) namespaces(nss []corev1.Namespace) {
 	for i := range nss {
-		ns := &nss[i]
-		l := make(labels.Set, len(ns.Labels)+1)
-		for k, v := range ns.Labels {
-			l[k] = v
-		}
-		l[corev1.LabelMetadataName] = ns.Name
-		c.nsLabels[ns.Name] = l
+		c.nsLabels[nss[i].Name] = namespaceLabels(nss[i].Name, nss[i].Labels)
 	}
+}
+
+// namespaceLabels are the labels a namespaceSelector sees: the namespace's own plus
+// kubernetes.io/metadata.name=<name>, which the API server sets on every namespace (also on
+// one the state only names through its pods or policies: pass nil labels).
+func namespaceLabels(name string, own map[string]string) labels.Set {
+	l := make(labels.Set, len(own)+1)
+	for k, v := range own {
+		l[k] = v
+	}
+	l[corev1.LabelMetadataName] = name
+	return l
 }
 
 // Participates reports whether a pod takes part in NetworkPolicy: host-network pods' traffic
@@ -131,33 +162,31 @@ func (c *compiler) pods(in []corev1.Pod) {
 			idx = append(idx, i)
 		}
 	}
-	// (namespace, name) order makes "who owns a reused IP" and every listing deterministic.
+	// (namespace, name) order makes every listing and "who owns a reused IP" deterministic.
 	slices.SortFunc(idx, func(a, b int) int {
 		return cmp.Or(cmp.Compare(in[a].Namespace, in[b].Namespace), cmp.Compare(in[a].Name, in[b].Name))
 	})
 	s := c.s
 	s.pods = make([]cpod, 0, len(idx))
+	claims := make([]uint8, 0, len(idx))
 	for _, i := range idx {
 		p := &in[i]
-		pi := int32(len(s.pods))
+		pi := podID(len(s.pods))
 		cp := cpod{
 			ref:   PodRef{Namespace: p.Namespace, Name: p.Name},
 			node:  p.Spec.NodeName,
 			local: s.opt.Node == "" || p.Spec.NodeName == s.opt.Node,
 			ips:   PodAddrs(p),
 		}
-		var ports []namedPort
-		for _, ct := range p.Spec.Containers {
-			for _, port := range ct.Ports {
-				proto, ok := ProtocolFromK8s(port.Protocol)
-				if port.Name == "" || !ok || port.ContainerPort <= 0 || port.ContainerPort > 65535 {
-					continue
-				}
-				ports = append(ports, namedPort{name: c.portName(port.Name), proto: proto, port: uint16(port.ContainerPort)})
-			}
+		var ports []containerPort
+		for cp := range namedContainerPorts(p) {
+			ports = append(ports, cp)
 		}
+		claim := addressClaim(p, cp.local)
+		claims = append(claims, claim)
 		for _, a := range cp.ips {
-			if _, taken := s.lookup(a); taken {
+			// Pods come in (namespace, name) order, so a tie keeps the first.
+			if owner := s.lookup(a); owner.isPod() && claims[owner] <= claim {
 				continue
 			}
 			if a.Is4() {
@@ -172,7 +201,7 @@ func (c *compiler) pods(in []corev1.Pod) {
 		for k, v := range p.Labels {
 			vals := c.byLabel[k]
 			if vals == nil {
-				vals = make(map[string][]int32)
+				vals = make(map[string][]podID)
 				c.byLabel[k] = vals
 			}
 			vals[v] = append(vals[v], pi)
@@ -181,60 +210,174 @@ func (c *compiler) pods(in []corev1.Pod) {
 		if _, ok := c.nsLabels[p.Namespace]; !ok {
 			// A pod's namespace exists even when the state omits it; the API server would
 			// have labelled it with its name.
-			c.nsLabels[p.Namespace] = labels.Set{corev1.LabelMetadataName: p.Namespace}
+			c.nsLabels[p.Namespace] = namespaceLabels(p.Namespace, nil)
 		}
 	}
 	for name := range c.nsLabels {
 		c.nsNames = append(c.nsNames, name)
 	}
 	slices.Sort(c.nsNames)
-	c.ingress = make([][]int32, len(s.pods))
-	c.egress = make([][]int32, len(s.pods))
 }
 
-// flatten lays the per-pod rules and named ports out in the snapshot's flat arrays.
+// addressClaim ranks a participating pod's claim to its addresses; when pods claim the same
+// address, the lowest claim owns it (a stale status during IP reuse, or a pod that still lists
+// an address its sandbox gave up). A terminating pod (deletionTimestamp set) loses to any
+// other: it may have released the address already. Then a pod on this node beats a remote
+// one: a packet of this node's pod interfaces is the local pod's, and letting a remote pod's
+// stale status take the address would switch the local pod's enforcement off. Then a Running
+// pod beats a Pending or Unknown one. Ties go to the first in (namespace, name) order.
+func addressClaim(p *corev1.Pod, local bool) uint8 {
+	var c uint8
+	if p.DeletionTimestamp != nil {
+		c |= 4
+	}
+	if !local {
+		c |= 2
+	}
+	if p.Status.Phase != corev1.PodRunning {
+		c |= 1
+	}
+	return c
+}
+
+// containerPort is a named container port as a NetworkPolicy's named port resolves it.
+type containerPort struct {
+	name  string
+	proto Protocol
+	port  uint16
+}
+
+// namedContainerPorts yields the named ports of p's containers and sidecars, the protocol
+// defaulted to TCP; a port out of range or of an unknown protocol names nothing.
+//
+// Sidecars are init containers with restartPolicy Always: they run beside the containers for
+// the pod's life and serve ports as they do, and Kubernetes resolves a Service's named
+// targetPort against them too (since 1.32). Other init containers run to completion before
+// the containers start, so their ports never carry the pod's traffic and name nothing.
+func namedContainerPorts(p *corev1.Pod) iter.Seq[containerPort] {
+	return func(yield func(containerPort) bool) {
+		each := func(cs []corev1.Container, sidecarsOnly bool) bool {
+			for i := range cs {
+				if sidecarsOnly && !IsSidecar(&cs[i]) {
+					continue
+				}
+				for _, port := range cs[i].Ports {
+					proto, ok := ProtocolFromK8s(port.Protocol)
+					if port.Name == "" || !ok || port.ContainerPort <= 0 || port.ContainerPort > 65535 {
+						continue
+					}
+					if !yield(containerPort{name: port.Name, proto: proto, port: uint16(port.ContainerPort)}) {
+						return false
+					}
+				}
+			}
+			return true
+		}
+		if each(p.Spec.Containers, false) {
+			each(p.Spec.InitContainers, true)
+		}
+	}
+}
+
+// IsSidecar reports whether an init container is a sidecar (restartPolicy Always), whose
+// named ports NetworkPolicy ports can name like a container's.
+func IsSidecar(c *corev1.Container) bool {
+	return c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways
+}
+
+// flatten lays the compiled rules out in the snapshot's flat arrays: each policy's port entries
+// per direction, then per local pod the list of the entry ranges of the policies isolating it.
+// Remote pods get no lists: nothing reads a remote pod's isolation, since its own node judges
+// it. Pods isolated by the same policies share one list (and one slice of policy indexes), so a
+// policy with thousands of ports costs its size once, not once per pod. Named ports are kept
+// for every pod (egress to a remote pod resolves against its ports), but only names some rule
+// uses.
 func (c *compiler) flatten() {
 	s := c.s
+	for i := range s.policies {
+		p := &s.policies[i]
+		p.ingressAt, p.egressAt = c.layOut(p.ingress), c.layOut(p.egress)
+	}
 	s.hot = make([]podHot, len(s.pods))
-	put := func(rules []int32) span {
-		lo := uint32(len(s.entries))
-		for _, ri := range rules {
-			r := &s.rules[ri]
-			if r.allPorts {
-				s.entries = append(s.entries, portEntry{rule: ri, name: -1})
-				continue
+	type list struct {
+		by []int32
+		at span
+	}
+	lists := make(map[string]list)
+	var key []byte
+	share := func(by []int32, dir Direction) ([]int32, span) {
+		if len(by) == 0 {
+			return nil, span{}
+		}
+		key = append(key[:0], dir.specField()...)
+		for _, pi := range by {
+			key = binary.LittleEndian.AppendUint32(key, uint32(pi))
+		}
+		if l, ok := lists[string(key)]; ok {
+			return l.by, l.at
+		}
+		lo := uint32(len(s.lists))
+		for _, pi := range by {
+			at := s.policies[pi].ingressAt
+			if dir == Egress {
+				at = s.policies[pi].egressAt
 			}
-			for _, p := range r.ports {
-				s.entries = append(s.entries, portEntry{lo: p.lo, hi: p.hi, name: p.name, rule: ri, proto: p.proto, anyNum: p.anyNum})
+			if at.lo < at.hi {
+				s.lists = append(s.lists, at)
 			}
 		}
-		return span{lo, uint32(len(s.entries))}
+		l := list{by: by, at: span{lo, uint32(len(s.lists))}}
+		lists[string(key)] = l
+		return l.by, l.at
 	}
 	for i := range s.pods {
 		p, h := &s.pods[i], &s.hot[i]
-		p.ingressRules, p.egressRules = c.ingress[i], c.egress[i]
-		h.ingress, h.egress = put(c.ingress[i]), put(c.egress[i])
 		lo := uint32(len(s.ports))
-		s.ports = append(s.ports, c.ports[i]...)
-		h.ports = span{lo, uint32(len(s.ports))}
-		if p.local {
-			h.flags |= podLocal
+		for _, cp := range c.ports[i] {
+			if id, ok := c.portIDs[cp.name]; ok {
+				s.ports = append(s.ports, namedPort{name: id, proto: cp.proto, port: cp.port})
+			}
 		}
+		h.ports = span{lo, uint32(len(s.ports))}
+		if !p.local {
+			continue
+		}
+		h.flags |= podLocal
 		if len(p.ingressBy) > 0 {
 			h.flags |= podIngressIsolated
 		}
 		if len(p.egressBy) > 0 {
 			h.flags |= podEgressIsolated
 		}
+		p.ingressBy, h.ingress = share(p.ingressBy, Ingress)
+		p.egressBy, h.egress = share(p.egressBy, Egress)
 	}
 }
 
-func (c *compiler) portName(name string) int32 {
+// layOut appends the port entries of rules to the snapshot's entries.
+func (c *compiler) layOut(rules []ruleID) span {
+	s := c.s
+	lo := uint32(len(s.entries))
+	for _, ri := range rules {
+		r := &s.rules[ri]
+		if r.allPorts {
+			s.entries = append(s.entries, portEntry{rule: ri, name: noName})
+			continue
+		}
+		for _, p := range r.ports {
+			s.entries = append(s.entries, portEntry{lo: p.lo, hi: p.hi, name: p.name, rule: ri, proto: p.proto, anyNum: p.anyNum})
+		}
+	}
+	return span{lo, uint32(len(s.entries))}
+}
+
+func (c *compiler) portName(name string) portName {
 	if id, ok := c.portIDs[name]; ok {
 		return id
 	}
-	id := int32(len(c.portIDs))
+	id := portName(len(c.portIDs))
 	c.portIDs[name] = id
+	c.s.names = append(c.s.names, name)
 	return id
 }
 
@@ -255,30 +398,34 @@ func PolicyTypes(np *networkingv1.NetworkPolicy) (ingress, egress bool) {
 	return ingress, egress
 }
 
-func (c *compiler) policy(np *networkingv1.NetworkPolicy) error {
+// policy compiles np. On error nothing of np is in the snapshot (peer sets it resolved stay:
+// they are shared by selector and harmless).
+func (c *compiler) policy(np *networkingv1.NetworkPolicy) *PolicyError {
 	s := c.s
-	name := np.Namespace + "/" + np.Name
-	where := func(field string, err error) error {
-		return fmt.Errorf("NetworkPolicy %s: %s: %w", name, field, err)
+	spec := field.NewPath("spec")
+	if i := invalidPolicyType(np); i >= 0 {
+		return fieldError(spec.Child("policyTypes").Index(i), "%q is not Ingress or Egress", np.Spec.PolicyTypes[i])
 	}
-	for i, t := range np.Spec.PolicyTypes {
-		if t != networkingv1.PolicyTypeIngress && t != networkingv1.PolicyTypeEgress {
-			return where(fmt.Sprintf("spec.policyTypes[%d]", i), fmt.Errorf("%q is not Ingress or Egress", t))
+	if c.bounded {
+		if err := checkSize(np); err != nil {
+			return err
 		}
 	}
 	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
 	if err != nil {
-		return where("spec.podSelector", err)
+		return &PolicyError{Field: spec.Child("podSelector").String(), Err: err}
 	}
 	pi := int32(len(s.policies))
 	ing, eg := PolicyTypes(np)
-	var ingRules, egRules []int32
+	nrules := len(s.rules)
+	var ingRules, egRules []ruleID
 	if ing {
 		for i := range np.Spec.Ingress {
 			r := &np.Spec.Ingress[i]
 			ri, err := c.rule(pi, np.Namespace, Ingress, i, r.From, r.Ports)
 			if err != nil {
-				return where(fmt.Sprintf("spec.ingress[%d]", i), err)
+				s.rules = s.rules[:nrules]
+				return err
 			}
 			ingRules = append(ingRules, ri)
 		}
@@ -288,96 +435,121 @@ func (c *compiler) policy(np *networkingv1.NetworkPolicy) error {
 			r := &np.Spec.Egress[i]
 			ri, err := c.rule(pi, np.Namespace, Egress, i, r.To, r.Ports)
 			if err != nil {
-				return where(fmt.Sprintf("spec.egress[%d]", i), err)
+				s.rules = s.rules[:nrules]
+				return err
 			}
 			egRules = append(egRules, ri)
 		}
 	}
-	s.policies = append(s.policies, cpolicy{name: name})
+	c.apply(np, sel, ing, eg, ingRules, egRules)
+	return nil
+}
+
+// isolateOnly compiles what a policy that does not compile says about whom it isolates, and
+// nothing it allows: dropping it would allow what it denied. When its pod selector is the
+// broken part every pod of its namespace is isolated, since which ones it meant is unknown;
+// when a policy type is, both directions are.
+func (c *compiler) isolateOnly(np *networkingv1.NetworkPolicy) {
+	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
+	if err != nil {
+		sel = labels.Everything()
+	}
+	ing, eg := PolicyTypes(np)
+	if invalidPolicyType(np) >= 0 {
+		ing, eg = true, true
+	}
+	c.apply(np, sel, ing, eg, nil, nil)
+}
+
+// apply adds np with its rules to the snapshot, isolating the local pods sel selects in its
+// namespace (remote pods' isolation is their node's business).
+func (c *compiler) apply(np *networkingv1.NetworkPolicy, sel labels.Selector, ing, eg bool, ingRules, egRules []ruleID) {
+	s := c.s
+	pi := int32(len(s.policies))
+	s.policies = append(s.policies, cpolicy{name: np.Namespace + "/" + np.Name, ingress: ingRules, egress: egRules})
 	for _, p := range c.nsPods[np.Namespace] {
 		pod := &s.pods[p]
-		if !sel.Matches(c.labels[p]) {
+		if !pod.local || !sel.Matches(c.labels[p]) {
 			continue
 		}
 		if ing {
 			pod.ingressBy = append(pod.ingressBy, pi)
-			c.ingress[p] = append(c.ingress[p], ingRules...)
 		}
 		if eg {
 			pod.egressBy = append(pod.egressBy, pi)
-			c.egress[p] = append(c.egress[p], egRules...)
 		}
 	}
-	return nil
 }
 
-func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (int32, error) {
-	r := crule{policy: pol, dir: dir, index: int32(index), allPeers: len(peers) == 0, allPorts: len(ports) == 0}
-	peerField := "from"
-	if dir == Egress {
-		peerField = "to"
+// invalidPolicyType returns the index of the first policy type that is neither Ingress nor
+// Egress, or -1.
+func invalidPolicyType(np *networkingv1.NetworkPolicy) int {
+	for i, t := range np.Spec.PolicyTypes {
+		if t != networkingv1.PolicyTypeIngress && t != networkingv1.PolicyTypeEgress {
+			return i
+		}
 	}
+	return -1
+}
+
+func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) (ruleID, *PolicyError) {
+	r := crule{policy: pol, dir: dir, index: int32(index), allPeers: len(peers) == 0, allPorts: len(ports) == 0}
+	path := field.NewPath("spec").Child(dir.specField()).Index(index)
 	var all netipx.IPSetBuilder
 	for i := range peers {
 		peer := &peers[i]
-		field := fmt.Sprintf("%s[%d]", peerField, i)
+		at := path.Child(dir.peerField()).Index(i)
 		hasSel := peer.PodSelector != nil || peer.NamespaceSelector != nil
 		switch {
 		case peer.IPBlock != nil && hasSel:
-			return 0, fmt.Errorf("%s: ipBlock cannot be combined with podSelector or namespaceSelector", field)
+			return 0, fieldError(at, "ipBlock cannot be combined with podSelector or namespaceSelector")
 		case peer.IPBlock != nil:
-			set, err := blockSet(peer.IPBlock)
+			b, err := parseBlock(peer.IPBlock, at.Child("ipBlock"))
 			if err != nil {
-				return 0, fmt.Errorf("%s.ipBlock: %w", field, err)
+				return 0, err
 			}
-			all.AddSet(set)
-			r.blockPeers = append(r.blockPeers, blockPeer{index: int32(i), set: liteOf(set)})
+			b.addTo(&all)
+			r.blockPeers = append(r.blockPeers, blockPeer{index: int32(i), block: b})
 		case hasSel:
-			si, err := c.peerSet(ns, peer)
+			si, err := c.peerSet(ns, peer, at)
 			if err != nil {
-				return 0, fmt.Errorf("%s.%w", field, err)
+				return 0, err
 			}
 			r.peerSets = append(r.peerSets, si)
 			r.peerIdx = append(r.peerIdx, int32(i))
 		default:
-			return 0, fmt.Errorf("%s: a peer needs podSelector, namespaceSelector or ipBlock", field)
+			return 0, fieldError(at, "a peer needs podSelector, namespaceSelector or ipBlock")
 		}
 	}
 	if len(r.blockPeers) > 0 {
 		set, err := all.IPSet()
 		if err != nil {
-			return 0, err
+			return 0, &PolicyError{Field: path.Child(dir.peerField()).String(), Err: err}
 		}
 		r.blocks = liteOf(set)
 	}
 	for i := range ports {
 		p := &ports[i]
-		field := fmt.Sprintf("ports[%d]", i)
-		proto := TCP
-		if p.Protocol != nil {
-			var ok bool
-			if proto, ok = ProtocolFromK8s(*p.Protocol); !ok {
-				return 0, fmt.Errorf("%s.protocol: %q is not TCP, UDP or SCTP", field, *p.Protocol)
-			}
+		at := path.Child("ports").Index(i)
+		proto, ok := ProtocolFromK8s(policyPortProtocol(p))
+		if !ok {
+			return 0, fieldError(at.Child("protocol"), "%q is not TCP, UDP or SCTP", *p.Protocol)
 		}
-		cp := cport{proto: proto, name: -1, index: int32(i)}
-		var text string
+		cp := cport{proto: proto, name: noName, index: int32(i)}
 		switch {
 		case p.Port == nil:
 			if p.EndPort != nil {
-				return 0, fmt.Errorf("%s.endPort: needs a numeric port", field)
+				return 0, fieldError(at.Child("endPort"), "needs a numeric port")
 			}
 			cp.anyNum = true
-			text = "all " + proto.String() + " ports"
 		case p.Port.Type == intstr.String:
 			if p.EndPort != nil {
-				return 0, fmt.Errorf("%s.endPort: not allowed with the named port %q", field, p.Port.StrVal)
+				return 0, fieldError(at.Child("endPort"), "not allowed with the named port %q", p.Port.StrVal)
 			}
 			if p.Port.StrVal == "" {
-				return 0, fmt.Errorf("%s.port: empty port name", field)
+				return 0, fieldError(at.Child("port"), "empty port name")
 			}
 			cp.name = c.portName(p.Port.StrVal)
-			text = p.Port.StrVal + "/" + proto.String()
 		default:
 			lo := p.Port.IntVal
 			hi := lo
@@ -385,44 +557,75 @@ func (c *compiler) rule(pol int32, ns string, dir Direction, index int, peers []
 				hi = *p.EndPort
 			}
 			if lo < 1 || lo > 65535 {
-				return 0, fmt.Errorf("%s.port: %d is not in 1-65535", field, lo)
+				return 0, fieldError(at.Child("port"), "%d is not in 1-65535", lo)
 			}
 			if hi < lo || hi > 65535 {
-				return 0, fmt.Errorf("%s.endPort: %d must be between port %d and 65535", field, hi, lo)
+				return 0, fieldError(at.Child("endPort"), "%d must be between port %d and 65535", hi, lo)
 			}
 			cp.lo, cp.hi = uint16(lo), uint16(hi)
-			text = strconv.Itoa(int(lo))
-			if hi != lo {
-				text += "-" + strconv.Itoa(int(hi))
-			}
-			text += "/" + proto.String()
 		}
 		r.ports = append(r.ports, cp)
-		r.portText = append(r.portText, text)
 	}
 	c.s.rules = append(c.s.rules, r)
-	return int32(len(c.s.rules) - 1), nil
+	return ruleID(len(c.s.rules) - 1), nil
 }
 
-// blockSet turns an ipBlock into the exact set of addresses it admits.
-func blockSet(b *networkingv1.IPBlock) (*netipx.IPSet, error) {
+// policyPortProtocol is a policy port's protocol after the API server's defaulting (TCP).
+func policyPortProtocol(p *networkingv1.NetworkPolicyPort) corev1.Protocol {
+	if p.Protocol == nil {
+		return corev1.ProtocolTCP
+	}
+	return *p.Protocol
+}
+
+// block is a parsed ipBlock: the addresses in cidr and in none of except.
+type block struct {
+	cidr   netip.Prefix
+	except []netip.Prefix
+}
+
+// parseBlock parses the ipBlock b (at path).
+func parseBlock(b *networkingv1.IPBlock, path *field.Path) (block, *PolicyError) {
 	cidr, err := netip.ParsePrefix(b.CIDR)
 	if err != nil {
-		return nil, fmt.Errorf("cidr: %q is not a CIDR: %v", b.CIDR, err)
+		return block{}, fieldError(path.Child("cidr"), "%q is not a CIDR: %v", b.CIDR, err)
 	}
-	var sb netipx.IPSetBuilder
-	sb.AddPrefix(cidr.Masked())
+	out := block{cidr: cidr.Masked()}
 	for i, e := range b.Except {
 		ex, err := netip.ParsePrefix(e)
 		if err != nil {
-			return nil, fmt.Errorf("except[%d]: %q is not a CIDR: %v", i, e, err)
+			return block{}, fieldError(path.Child("except").Index(i), "%q is not a CIDR: %v", e, err)
 		}
 		if ex.Addr().Is4() != cidr.Addr().Is4() {
-			return nil, fmt.Errorf("except[%d]: %q is not of the same IP family as cidr %q", i, e, b.CIDR)
+			return block{}, fieldError(path.Child("except").Index(i), "%q is not of the same IP family as cidr %q", e, b.CIDR)
 		}
-		sb.RemovePrefix(ex.Masked())
+		out.except = append(out.except, ex.Masked())
 	}
-	return sb.IPSet()
+	return out, nil
+}
+
+func (b *block) contains(a netip.Addr) bool {
+	if !b.cidr.Contains(a) {
+		return false
+	}
+	for _, e := range b.except {
+		if e.Contains(a) {
+			return false
+		}
+	}
+	return true
+}
+
+// addTo adds b's addresses to sb. IPSetBuilder applies additions and removals in order, so the
+// holes are carved out of this block before the next block is added.
+func (b *block) addTo(sb *netipx.IPSetBuilder) {
+	var one netipx.IPSetBuilder
+	one.AddPrefix(b.cidr)
+	for _, e := range b.except {
+		one.RemovePrefix(e)
+	}
+	set, _ := one.IPSet() // only errors on invalid prefixes, which parseBlock rejected
+	sb.AddSet(set)
 }
 
 func liteOf(set *netipx.IPSet) *bart.Lite {
@@ -434,17 +637,17 @@ func liteOf(set *netipx.IPSet) *bart.Lite {
 }
 
 // peerSet resolves a pod/namespace selector peer to a pod set, once per distinct selector.
-func (c *compiler) peerSet(policyNS string, peer *networkingv1.NetworkPolicyPeer) (int32, error) {
+func (c *compiler) peerSet(policyNS string, peer *networkingv1.NetworkPolicyPeer, path *field.Path) (int32, *PolicyError) {
 	var podSel, nsSel labels.Selector
 	var err error
 	if peer.PodSelector != nil {
 		if podSel, err = metav1.LabelSelectorAsSelector(peer.PodSelector); err != nil {
-			return 0, fmt.Errorf("podSelector: %w", err)
+			return 0, &PolicyError{Field: path.Child("podSelector").String(), Err: err}
 		}
 	}
 	if peer.NamespaceSelector != nil {
 		if nsSel, err = metav1.LabelSelectorAsSelector(peer.NamespaceSelector); err != nil {
-			return 0, fmt.Errorf("namespaceSelector: %w", err)
+			return 0, &PolicyError{Field: path.Child("namespaceSelector").String(), Err: err}
 		}
 	}
 	var key string
@@ -490,11 +693,11 @@ func (c *compiler) selectNamespaces(sel labels.Selector) []string {
 // selectPods returns the pods of namespaces nss that podSel (nil: all) matches. With many
 // namespaces it starts from the label index of the selector's narrowest equality requirement
 // instead of testing every pod, which keeps Compile linear in practice at 50k pods.
-func (c *compiler) selectPods(nss []string, podSel labels.Selector) []int32 {
+func (c *compiler) selectPods(nss []string, podSel labels.Selector) []podID {
 	if podSel != nil && podSel.Empty() {
 		podSel = nil
 	}
-	var members []int32
+	var members []podID
 	if cand, ok := c.candidates(podSel); ok && len(nss) > 1 {
 		in := make(map[string]bool, len(nss))
 		for _, ns := range nss {
@@ -519,7 +722,7 @@ func (c *compiler) selectPods(nss []string, podSel labels.Selector) []int32 {
 
 // candidates returns a superset of the pods sel matches, from the label index, when sel has
 // an equality (=, ==, in) requirement; ok is false otherwise.
-func (c *compiler) candidates(sel labels.Selector) (cand []int32, ok bool) {
+func (c *compiler) candidates(sel labels.Selector) (cand []podID, ok bool) {
 	if sel == nil {
 		return nil, false
 	}
@@ -530,7 +733,7 @@ func (c *compiler) candidates(sel labels.Selector) (cand []int32, ok bool) {
 		default:
 			continue
 		}
-		var list []int32
+		var list []podID
 		for v := range r.Values() {
 			list = append(list, c.byLabel[r.Key()][v]...)
 		}

@@ -52,10 +52,17 @@ func applyNamespaceDefaults(ns *corev1.Namespace) {
 	ns.Labels = labels
 }
 
-func applyPodDefaults(p *corev1.Pod) {
-	if p.Namespace == "" {
-		p.Namespace = corev1.NamespaceDefault
+// namespaceOf is an object's namespace as the API server stores it: kubectl puts an object
+// without one in "default".
+func namespaceOf(ns string) string {
+	if ns == "" {
+		return corev1.NamespaceDefault
 	}
+	return ns
+}
+
+func applyPodDefaults(p *corev1.Pod) {
+	p.Namespace = namespaceOf(p.Namespace)
 	applyContainerPortDefaults(p.Spec.Containers)
 	applyContainerPortDefaults(p.Spec.InitContainers)
 	if len(p.Status.PodIPs) == 0 && p.Status.PodIP != "" {
@@ -77,9 +84,7 @@ func applyContainerPortDefaults(cs []corev1.Container) {
 }
 
 func applyPolicyDefaults(np *networkingv1.NetworkPolicy) {
-	if np.Namespace == "" {
-		np.Namespace = corev1.NamespaceDefault
-	}
+	np.Namespace = namespaceOf(np.Namespace)
 	if len(np.Spec.PolicyTypes) == 0 {
 		ingress, egress := PolicyTypes(np)
 		if ingress {

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -155,15 +156,14 @@ func diffProperty(rt *rapid.T, cfg *diffConfig) {
 			owned = append(owned, a)
 		}
 	}
-	// LocalPodIPs, as documented: every address of every local pod (the addresses whose
-	// packets this node must queue). When two pods claim one address it may therefore hold an
-	// address whose owner is remote, or list it twice; only the set is compared.
+	// LocalPodIPs, as documented: every address a local pod owns (the addresses whose packets
+	// this node must queue), each once.
 	wantLocal := policy.RefLocalPodIPs(st, opt)
 	gotLocal := slices.Clone(snap.LocalPodIPs())
 	for _, l := range [][]netip.Addr{wantLocal, gotLocal} {
 		slices.SortFunc(l, netip.Addr.Compare)
 	}
-	wantLocal, gotLocal = slices.Compact(wantLocal), slices.Compact(gotLocal)
+	wantLocal = slices.Compact(wantLocal)
 	if !slices.Equal(gotLocal, wantLocal) {
 		rt.Fatalf("LocalPodIPs() = %v; reference (addresses of local pods) %v\n%s", gotLocal, wantLocal, stateYAML(st, opt))
 	}
@@ -369,7 +369,7 @@ func diffPorts(st *policy.State) []diffPort {
 		}
 	}
 	for _, p := range st.Pods {
-		for _, c := range p.Spec.Containers {
+		for _, c := range append(slices.Clone(p.Spec.Containers), p.Spec.InitContainers...) {
 			for _, cp := range c.Ports {
 				proto, _ := policy.ProtocolFromK8s(cp.Protocol)
 				add(proto, cp.ContainerPort)
@@ -500,8 +500,15 @@ func drawPod(rt *rapid.T, cfg *diffConfig, i int) corev1.Pod {
 		// "" : not scheduled (yet) in the file; local only when Options.Node is empty.
 		Spec: corev1.PodSpec{NodeName: rapid.SampledFrom(append([]string{""}, diffNodes...)).Draw(rt, "pod.node")},
 	}
-	for c, nc := 0, rapid.IntRange(1, 2).Draw(rt, "pod.ncont"); c < nc; c++ {
+	// Containers, then at most one init container: a sidecar (restartPolicy Always), whose
+	// named ports count, or an ordinary one, whose ports do not.
+	nc, ni := rapid.IntRange(1, 2).Draw(rt, "pod.ncont"), min(1, rapid.IntRange(0, 3).Draw(rt, "pod.ninit"))
+	for c := 0; c < nc+ni; c++ {
 		ctr := corev1.Container{Name: fmt.Sprintf("c%d", c), Image: "img"}
+		if c >= nc && rapid.IntRange(0, 2).Draw(rt, "init.kind") > 0 {
+			always := corev1.ContainerRestartPolicyAlways
+			ctr.RestartPolicy = &always
+		}
 		// Names are unique within a container (the API server insists) but may repeat across
 		// containers.
 		used := map[string]bool{}
@@ -516,7 +523,11 @@ func drawPod(rt *rapid.T, cfg *diffConfig, i int) corev1.Pod {
 			}
 			ctr.Ports = append(ctr.Ports, cp)
 		}
-		p.Spec.Containers = append(p.Spec.Containers, ctr)
+		if c < nc {
+			p.Spec.Containers = append(p.Spec.Containers, ctr)
+		} else {
+			p.Spec.InitContainers = append(p.Spec.InitContainers, ctr)
+		}
 	}
 	v4 := rapid.SampledFrom(cfg.podV4).Draw(rt, "pod.v4")
 	v6 := rapid.SampledFrom(cfg.podV6).Draw(rt, "pod.v6")
@@ -536,6 +547,9 @@ func drawPod(rt *rapid.T, cfg *diffConfig, i int) corev1.Pod {
 		corev1.PodRunning, corev1.PodRunning, corev1.PodRunning, corev1.PodPending, corev1.PodSucceeded, corev1.PodFailed, corev1.PodUnknown, "",
 	}).Draw(rt, "pod.phase")
 	p.Spec.HostNetwork = rapid.IntRange(0, 9).Draw(rt, "pod.hostnet") == 0
+	if rapid.IntRange(0, 5).Draw(rt, "pod.terminating") == 0 {
+		p.DeletionTimestamp = &metav1.Time{Time: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)}
+	}
 	return p
 }
 
@@ -757,6 +771,13 @@ func minimize(st *policy.State, opt policy.Options, f policy.Flow) *policy.State
 			})
 		}
 		for pi := range cur.Pods {
+			try(func(s *policy.State) bool {
+				if len(s.Pods[pi].Spec.InitContainers) == 0 {
+					return false
+				}
+				s.Pods[pi].Spec.InitContainers = nil
+				return true
+			})
 			for ci := range cur.Pods[pi].Spec.Containers {
 				for k := len(cur.Pods[pi].Spec.Containers[ci].Ports) - 1; k >= 0; k-- {
 					try(func(s *policy.State) bool {

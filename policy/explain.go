@@ -2,7 +2,9 @@ package policy
 
 import (
 	"fmt"
+	"iter"
 	"net/netip"
+	"strconv"
 	"strings"
 )
 
@@ -20,16 +22,15 @@ func (s *Snapshot) Explain(f Flow) Explanation {
 		Protocol:    f.Proto.String(),
 		Port:        f.Port,
 	}
-	si, srcPod := s.lookup(f.Src)
-	di, dstPod := s.lookup(f.Dst)
-	e.Egress = s.side(Egress, f, si, srcPod, di, dstPod)
-	e.Ingress = s.side(Ingress, f, di, dstPod, si, srcPod)
+	r := s.resolve(f)
+	e.Egress = s.side(Egress, &r)
+	e.Ingress = s.side(Ingress, &r)
 	return e
 }
 
 func (s *Snapshot) endpoint(ip netip.Addr) Endpoint {
 	ep := Endpoint{IP: ip}
-	if i, ok := s.lookup(ip); ok {
+	if i := s.lookup(ip); i.isPod() {
 		p := &s.pods[i]
 		ref := p.ref
 		ep.Pod, ep.Local, ep.Node = &ref, p.local, p.node
@@ -47,24 +48,25 @@ func (s *Snapshot) Describe(ip netip.Addr) string {
 
 // side explains one direction: egress judged at the source (self = source, peer =
 // destination) or ingress judged at the destination (self = destination, peer = source).
-func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer int32, peerPod bool) Side {
-	selfIP, peerIP := f.Src, f.Dst
-	role := "source"
-	if dir == Ingress {
-		selfIP, peerIP = f.Dst, f.Src
-		role = "destination"
+func (s *Snapshot) side(dir Direction, r *resolved) Side {
+	egress := dir == Egress
+	peerIP, peer := r.peer(egress)
+	selfIP, self := r.peer(!egress)
+	role := "destination"
+	if egress {
+		role = "source"
 	}
-	word := strings.ToLower(string(dir))
-	if !selfPod {
+	word := dir.specField()
+	if !self.isPod() {
 		return Side{Allowed: true, Why: fmt.Sprintf("the %s %s is not a pod, so no policy restricts its %s", role, selfIP, word)}
 	}
 	p := &s.pods[self]
 	if !p.local {
 		return Side{Allowed: true, Why: fmt.Sprintf("%s runs on node %q; its %s is enforced there", p.ref, p.node, word)}
 	}
-	rules, by := p.ingressRules, p.ingressBy
-	if dir == Egress {
-		rules, by = p.egressRules, p.egressBy
+	by := p.ingressBy
+	if egress {
+		by = p.egressBy
 	}
 	sd := Side{Enforced: true, Isolated: len(by) > 0}
 	if !sd.Isolated {
@@ -75,27 +77,24 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 	for _, pi := range by {
 		sd.IsolatingPolicies = append(sd.IsolatingPolicies, s.policies[pi].name)
 	}
-	// Named ports resolve against the destination pod: the peer for egress, self for ingress.
-	dst, dstPod := peer, peerPod
-	if dir == Ingress {
-		dst, dstPod = self, true
-	}
 	peerName := s.Describe(peerIP)
-	for _, ri := range rules {
-		r := &s.rules[ri]
-		ref := RuleRef{Policy: s.policies[r.policy].name, Direction: dir, Rule: int(r.index)}
-		at := fmt.Sprintf("%s %s rule %d", ref.Policy, word, r.index)
-		port := s.portIndex(r, f, dst, dstPod)
-		if port < -1 {
-			sd.Unmatched = append(sd.Unmatched, fmt.Sprintf("%s: %s/%d is not among its ports (%s)", at, f.Proto, f.Port, r.portsText()))
+	rules := 0
+	for _, ri := range s.rulesOf(by, dir) {
+		rules++
+		rule := &s.rules[ri]
+		ref := RuleRef{Policy: s.policies[rule.policy].name, Direction: dir, Rule: int(rule.index)}
+		at := fmt.Sprintf("%s %s rule %d", ref.Policy, word, rule.index)
+		port := s.portMatch(rule, r)
+		if port == noMatch {
+			sd.Unmatched = append(sd.Unmatched, fmt.Sprintf("%s: %s/%d is not among its ports (%s)", at, r.Proto, r.Port, s.portsText(rule)))
 			continue
 		}
-		pe := r.peerIndex(s, peerIP, peer, peerPod)
-		if pe < -1 {
+		pe := rule.peerMatch(s, peerIP, peer)
+		if pe == noMatch {
 			sd.Unmatched = append(sd.Unmatched, fmt.Sprintf("%s: %s matches none of its peers", at, peerName))
 			continue
 		}
-		ref.Peer, ref.Port = pe, port
+		ref.Peer, ref.Port = int(pe), int(port)
 		sd.MatchedBy = append(sd.MatchedBy, ref)
 	}
 	sd.Allowed = len(sd.MatchedBy) > 0
@@ -103,15 +102,45 @@ func (s *Snapshot) side(dir Direction, f Flow, self int32, selfPod bool, peer in
 	switch {
 	case sd.Allowed:
 		m := sd.MatchedBy[0]
-		sd.Why = fmt.Sprintf("%s is isolated for %s by %s; %s %s rule %d allows %s on %s/%d", p.ref, word, policies, m.Policy, word, m.Rule, peerName, f.Proto, f.Port)
-	case len(rules) == 0:
+		sd.Why = fmt.Sprintf("%s is isolated for %s by %s; %s %s rule %d allows %s on %s/%d", p.ref, word, policies, m.Policy, word, m.Rule, peerName, r.Proto, r.Port)
+	case rules == 0:
 		sd.Why = fmt.Sprintf("%s is isolated for %s by %s, which allow no %s at all", p.ref, word, policies, word)
 	default:
-		sd.Why = fmt.Sprintf("%s is isolated for %s by %s and no %s rule allows %s on %s/%d", p.ref, word, policies, word, peerName, f.Proto, f.Port)
+		sd.Why = fmt.Sprintf("%s is isolated for %s by %s and no %s rule allows %s on %s/%d", p.ref, word, policies, word, peerName, r.Proto, r.Port)
 	}
 	return sd
 }
 
-func (r *crule) portsText() string {
-	return strings.Join(r.portText, ", ")
+// rulesOf yields the rules in direction dir of the policies by, in order.
+func (s *Snapshot) rulesOf(by []int32, dir Direction) iter.Seq2[int, ruleID] {
+	return func(yield func(int, ruleID) bool) {
+		n := 0
+		for _, pi := range by {
+			for _, ri := range s.policies[pi].rules(dir) {
+				if !yield(n, ri) {
+					return
+				}
+				n++
+			}
+		}
+	}
+}
+
+// portsText lists r's ports as written.
+func (s *Snapshot) portsText(r *crule) string {
+	texts := make([]string, len(r.ports))
+	for i := range r.ports {
+		p := &r.ports[i]
+		switch {
+		case p.anyNum:
+			texts[i] = "all " + p.proto.String() + " ports"
+		case p.name != noName:
+			texts[i] = s.names[p.name] + "/" + p.proto.String()
+		case p.lo == p.hi:
+			texts[i] = strconv.Itoa(int(p.lo)) + "/" + p.proto.String()
+		default:
+			texts[i] = strconv.Itoa(int(p.lo)) + "-" + strconv.Itoa(int(p.hi)) + "/" + p.proto.String()
+		}
+	}
+	return strings.Join(texts, ", ")
 }

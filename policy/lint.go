@@ -13,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/util/validation/field"
 )
 
 // Level is how much a lint finding matters. Warnings are likely mistakes or gaps in the seed's
@@ -105,14 +106,7 @@ type linter struct {
 
 func newLinter(st *State) *linter {
 	l := &linter{st: st, nsLabels: make(map[string]labels.Set), podsIn: make(map[string][]*corev1.Pod)}
-	addNS := func(name string, lbl map[string]string) {
-		set := make(labels.Set, len(lbl)+1)
-		for k, v := range lbl {
-			set[k] = v
-		}
-		set[corev1.LabelMetadataName] = name
-		l.nsLabels[name] = set
-	}
+	addNS := func(name string, lbl map[string]string) { l.nsLabels[name] = namespaceLabels(name, lbl) }
 	for i := range st.Namespaces {
 		addNS(st.Namespaces[i].Name, st.Namespaces[i].Labels)
 	}
@@ -140,19 +134,9 @@ func newLinter(st *State) *linter {
 
 func (l *linter) add(f Finding) { l.out = append(l.out, f) }
 
-func podNamespace(p *corev1.Pod) string {
-	if p.Namespace == "" {
-		return corev1.NamespaceDefault
-	}
-	return p.Namespace
-}
+func podNamespace(p *corev1.Pod) string { return namespaceOf(p.Namespace) }
 
-func policyNamespace(np *networkingv1.NetworkPolicy) string {
-	if np.Namespace == "" {
-		return corev1.NamespaceDefault
-	}
-	return np.Namespace
-}
+func policyNamespace(np *networkingv1.NetworkPolicy) string { return namespaceOf(np.Namespace) }
 
 // selector turns a label selector into a labels.Selector; an invalid one (Validate rejects
 // it) selects nothing here, which for lint only means fewer findings.
@@ -207,22 +191,13 @@ func (l *linter) peerNamespaces(policyNS string, peer *networkingv1.NetworkPolic
 func (l *linter) peerPods(policyNS string, peer *networkingv1.NetworkPolicyPeer) []*corev1.Pod {
 	var out []*corev1.Pod
 	if peer.IPBlock != nil {
-		cidr, err := netip.ParsePrefix(peer.IPBlock.CIDR)
+		b, err := parseBlock(peer.IPBlock, field.NewPath("ipBlock"))
 		if err != nil {
 			return nil
 		}
-		var except []netip.Prefix
-		for _, e := range peer.IPBlock.Except {
-			if p, err := netip.ParsePrefix(e); err == nil {
-				except = append(except, p)
-			}
-		}
 		for _, p := range l.pods {
-			for _, a := range PodAddrs(p) {
-				if cidr.Contains(a) && !slices.ContainsFunc(except, func(e netip.Prefix) bool { return e.Contains(a) }) {
-					out = append(out, p)
-					break
-				}
+			if slices.ContainsFunc(PodAddrs(p), b.contains) {
+				out = append(out, p)
 			}
 		}
 		return out
@@ -241,9 +216,9 @@ func (l *linter) peerPods(policyNS string, peer *networkingv1.NetworkPolicyPeer)
 	return out
 }
 
-func isolates(np *networkingv1.NetworkPolicy, dir networkingv1.PolicyType) bool {
+func isolates(np *networkingv1.NetworkPolicy, dir Direction) bool {
 	ingress, egress := PolicyTypes(np)
-	if dir == networkingv1.PolicyTypeIngress {
+	if dir == Ingress {
 		return ingress
 	}
 	return egress
@@ -273,8 +248,8 @@ func (l *linter) defaultDeny() {
 			if policyNamespace(np) != ns || !isEmptySelector(&np.Spec.PodSelector) {
 				continue
 			}
-			ingress = ingress || isolates(np, networkingv1.PolicyTypeIngress)
-			egress = egress || isolates(np, networkingv1.PolicyTypeEgress)
+			ingress = ingress || isolates(np, Ingress)
+			egress = egress || isolates(np, Egress)
 		}
 		what := fmt.Sprintf("namespace %s has %d pod(s)", ns, len(l.podsIn[ns]))
 		if len(l.pods) == 0 {
@@ -296,11 +271,7 @@ func (l *linter) defaultDeny() {
 // portAllows reports whether a rule port entry lets (proto, port) through; named ports count
 // when some pod in the state has that name for that protocol and number.
 func (l *linter) portAllows(pp *networkingv1.NetworkPolicyPort, proto corev1.Protocol, port int32) bool {
-	p := corev1.ProtocolTCP
-	if pp.Protocol != nil {
-		p = *pp.Protocol
-	}
-	if p != proto {
+	if policyPortProtocol(pp) != proto {
 		return false
 	}
 	switch {
@@ -313,27 +284,24 @@ func (l *linter) portAllows(pp *networkingv1.NetworkPolicyPort, proto corev1.Pro
 		}
 		return pp.Port.IntVal <= port && port <= end
 	}
-	for _, pod := range l.pods {
-		if n, ok := containerPort(pod, pp.Port.StrVal, proto); ok && n == port {
+	return slices.ContainsFunc(l.pods, func(p *corev1.Pod) bool {
+		return namesPort(p, pp.Port.StrVal, proto, func(n uint16) bool { return int32(n) == port })
+	})
+}
+
+// namesPort reports whether p has a container port called name for proto whose number want
+// accepts, as the compiled snapshot resolves named ports.
+func namesPort(p *corev1.Pod, name string, proto corev1.Protocol, want func(uint16) bool) bool {
+	pr, ok := ProtocolFromK8s(proto)
+	if !ok {
+		return false
+	}
+	for cp := range namedContainerPorts(p) {
+		if cp.name == name && cp.proto == pr && want(cp.port) {
 			return true
 		}
 	}
 	return false
-}
-
-func containerPort(p *corev1.Pod, name string, proto corev1.Protocol) (int32, bool) {
-	for _, c := range p.Spec.Containers {
-		for _, cp := range c.Ports {
-			pr := cp.Protocol
-			if pr == "" {
-				pr = corev1.ProtocolTCP
-			}
-			if cp.Name == name && pr == proto {
-				return cp.ContainerPort, true
-			}
-		}
-	}
-	return 0, false
 }
 
 // egressAllows reports whether any egress rule of the policies lets (proto, port) out to some
@@ -383,7 +351,7 @@ func (l *linter) dns() {
 			var pols []*networkingv1.NetworkPolicy
 			for i := range l.st.Policies {
 				np := &l.st.Policies[i]
-				if policyNamespace(np) == podNamespace(p) && isolates(np, networkingv1.PolicyTypeEgress) &&
+				if policyNamespace(np) == podNamespace(p) && isolates(np, Egress) &&
 					selector(&np.Spec.PodSelector).Matches(labels.Set(p.Labels)) {
 					pols = append(pols, np)
 				}
@@ -397,13 +365,13 @@ func (l *linter) dns() {
 		// which apply to whatever it selects.
 		for i := range l.st.Policies {
 			np := &l.st.Policies[i]
-			if !isolates(np, networkingv1.PolicyTypeEgress) {
+			if !isolates(np, Egress) {
 				continue
 			}
 			pols := []*networkingv1.NetworkPolicy{np}
 			for j := range l.st.Policies {
 				other := &l.st.Policies[j]
-				if j != i && policyNamespace(other) == policyNamespace(np) && isolates(other, networkingv1.PolicyTypeEgress) && isEmptySelector(&other.Spec.PodSelector) {
+				if j != i && policyNamespace(other) == policyNamespace(np) && isolates(other, Egress) && isEmptySelector(&other.Spec.PodSelector) {
 					pols = append(pols, other)
 				}
 			}
@@ -431,6 +399,8 @@ func (l *linter) dns() {
 	}
 }
 
+func anyPort(uint16) bool { return true }
+
 func listSome(items []string, n int) string {
 	if len(items) <= n {
 		return strings.Join(items, ", ")
@@ -452,28 +422,21 @@ func (l *linter) selection() {
 }
 
 type ruleView struct {
-	dir   string // "ingress" or "egress"
+	dir   Direction
 	index int
 	peers []networkingv1.NetworkPolicyPeer
 	ports []networkingv1.NetworkPolicyPort
 }
 
-func (r ruleView) path() string { return fmt.Sprintf("spec.%s[%d]", r.dir, r.index) }
-
-func (r ruleView) peerField() string {
-	if r.dir == "ingress" {
-		return "from"
-	}
-	return "to"
-}
+func (r ruleView) path() string { return fmt.Sprintf("spec.%s[%d]", r.dir.specField(), r.index) }
 
 func rulesOf(np *networkingv1.NetworkPolicy) []ruleView {
 	var out []ruleView
 	for i, r := range np.Spec.Ingress {
-		out = append(out, ruleView{dir: "ingress", index: i, peers: r.From, ports: r.Ports})
+		out = append(out, ruleView{dir: Ingress, index: i, peers: r.From, ports: r.Ports})
 	}
 	for i, r := range np.Spec.Egress {
-		out = append(out, ruleView{dir: "egress", index: i, peers: r.To, ports: r.Ports})
+		out = append(out, ruleView{dir: Egress, index: i, peers: r.To, ports: r.Ports})
 	}
 	return out
 }
@@ -486,7 +449,7 @@ func (l *linter) peersAndNamedPorts() {
 			// Pods this rule's traffic can reach: the selected pods for ingress, the peers for
 			// egress (all pods when the rule has no peers).
 			var dest []*corev1.Pod
-			if r.dir == "ingress" {
+			if r.dir == Ingress {
 				dest = l.selected(np)
 			} else if len(r.peers) == 0 {
 				dest = l.pods
@@ -494,7 +457,7 @@ func (l *linter) peersAndNamedPorts() {
 			for j := range r.peers {
 				peer := &r.peers[j]
 				matched := l.peerPods(ns, peer)
-				if r.dir == "egress" {
+				if r.dir == Egress {
 					dest = append(dest, matched...)
 				}
 				if peer.IPBlock != nil || len(matched) > 0 {
@@ -508,25 +471,22 @@ func (l *linter) peersAndNamedPorts() {
 				}
 				l.add(Finding{Level: LevelWarning, Namespace: ns, Policy: np.Name, Check: CheckPeerMatchesNothing,
 					Message: fmt.Sprintf("%s.%s[%d] allows nothing: %s; check the labels (namespaces carry %s=<name>), or remove the peer",
-						r.path(), r.peerField(), j, why, corev1.LabelMetadataName)})
+						r.path(), r.dir.peerField(), j, why, corev1.LabelMetadataName)})
 			}
 			for j := range r.ports {
 				pp := &r.ports[j]
 				if pp.Port == nil || pp.Port.Type != intstr.String {
 					continue
 				}
-				proto := corev1.ProtocolTCP
-				if pp.Protocol != nil {
-					proto = *pp.Protocol
-				}
-				if r.dir == "ingress" && len(dest) == 0 {
+				proto := policyPortProtocol(pp)
+				if r.dir == Ingress && len(dest) == 0 {
 					continue // policy-selects-nothing says it already
 				}
-				if slices.ContainsFunc(dest, func(p *corev1.Pod) bool { _, ok := containerPort(p, pp.Port.StrVal, proto); return ok }) {
+				if slices.ContainsFunc(dest, func(p *corev1.Pod) bool { return namesPort(p, pp.Port.StrVal, proto, anyPort) }) {
 					continue
 				}
 				target := "the pods this policy selects"
-				if r.dir == "egress" {
+				if r.dir == Egress {
 					target = "the pods this rule may reach"
 				}
 				l.add(Finding{Level: LevelWarning, Namespace: ns, Policy: np.Name, Check: CheckNamedPortUnresolved,
@@ -718,13 +678,7 @@ func portsCover(a, b []networkingv1.NetworkPolicyPort) bool {
 }
 
 func portCovers(a, b *networkingv1.NetworkPolicyPort) bool {
-	proto := func(p *networkingv1.NetworkPolicyPort) corev1.Protocol {
-		if p.Protocol == nil {
-			return corev1.ProtocolTCP
-		}
-		return *p.Protocol
-	}
-	if proto(a) != proto(b) {
+	if policyPortProtocol(a) != policyPortProtocol(b) {
 		return false
 	}
 	switch {

@@ -149,16 +149,14 @@ type ignoredKind struct {
 }
 
 type loader struct {
-	file                          string
-	st                            *State
-	nsOrigin, podOrigin           []origin
-	npOrigin                      []origin
-	errs                          []error
-	notes                         []string
-	ignored                       map[string]*ignoredKind
-	ignoredOrder                  []string
-	listDepth                     int
-	errorsShown, errorsSuppressed int
+	file                string
+	st                  *State
+	nsOrigin, podOrigin []origin
+	npOrigin            []origin
+	errs                []error
+	notes               []string
+	ignored             map[string]*ignoredKind
+	ignoredOrder        []string
 }
 
 func (l *loader) fail(o origin, err error) {
@@ -341,7 +339,7 @@ func (l *loader) stateNotes() []string {
 		}
 		for _, a := range PodAddrs(p) {
 			if j, ok := owner[a]; ok {
-				notes = append(notes, fmt.Sprintf("%s: IP %s is also the IP of %s; two running pods should not share an IP, and sluice attributes it to the first in namespace/name order",
+				notes = append(notes, fmt.Sprintf("%s: IP %s is also the IP of %s; two running pods should not share an IP; sluice gives it to a pod that is not terminating, then to one on this node, then to a Running one, then to the first in namespace/name order",
 					l.podOrigin[i], a, l.podOrigin[j]))
 				continue
 			}

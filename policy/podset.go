@@ -9,11 +9,11 @@ import (
 // (binary search); sets holding more than 1/32 of the pods are bitsets, so memory stays at
 // most twice the smaller of the two forms.
 type podSet struct {
-	list []int32
+	list []podID
 	bits []uint64
 }
 
-func newPodSet(members []int32, universe int) podSet {
+func newPodSet(members []podID, universe int) podSet {
 	if len(members)*32 <= universe {
 		l := slices.Clone(members)
 		slices.Sort(l)
@@ -26,7 +26,7 @@ func newPodSet(members []int32, universe int) podSet {
 	return podSet{bits: b}
 }
 
-func (p *podSet) contains(i int32) bool {
+func (p *podSet) contains(i podID) bool {
 	if p.bits != nil {
 		w := int(i >> 6)
 		return w < len(p.bits) && p.bits[w]&(1<<(uint(i)&63)) != 0

@@ -18,7 +18,8 @@ import (
 // It applies the same defaulting as the API server (policyTypes, TCP, the namespace name
 // label), so a raw State works, and the same implementation choices as Decide: ipBlock matches
 // pod IPs too; egress is judged only for local source pods and ingress only for local
-// destination pods.
+// destination pods; an address several pods claim belongs to one of them by the rule of
+// refOwner.
 func ReferenceDecide(st *State, opt Options, f Flow) Verdict {
 	eg, in := referenceSides(st, opt, f)
 	egressIsolated, egressAllowed := len(eg.isolating) > 0, len(eg.matched) > 0
@@ -45,8 +46,8 @@ type refSideResult struct {
 
 // referenceSides judges egress at the source and ingress at the destination.
 func referenceSides(st *State, opt Options, f Flow) (egress, ingress refSideResult) {
-	src := refOwner(st, f.Src)
-	dst := refOwner(st, f.Dst)
+	src := refOwner(st, opt, f.Src)
+	dst := refOwner(st, opt, f.Dst)
 	if src != nil && refLocal(src, opt) {
 		egress = refSide(st, src, networkingv1.PolicyTypeEgress, f.Dst, dst, f)
 	}
@@ -206,7 +207,17 @@ func refPortMatches(p *networkingv1.NetworkPolicyPort, dstPod *corev1.Pod, f Flo
 		if dstPod == nil {
 			return false
 		}
-		for _, c := range dstPod.Spec.Containers {
+		// A named port is a port of the pod: of its containers, and of its sidecars (init
+		// containers with restartPolicy Always, which serve for the pod's whole life); an
+		// ordinary init container has exited before the pod serves anything.
+		var serving []corev1.Container
+		serving = append(serving, dstPod.Spec.Containers...)
+		for _, c := range dstPod.Spec.InitContainers {
+			if c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+				serving = append(serving, c)
+			}
+		}
+		for _, c := range serving {
 			for _, cp := range c.Ports {
 				cpProto := cp.Protocol
 				if cpProto == "" {
@@ -324,21 +335,42 @@ func refPodHasIP(p *corev1.Pod, addr netip.Addr) bool {
 	return err == nil && a == addr
 }
 
-// refOwner finds the participating pod that holds addr. If several claim it (a stale status
-// during IP reuse), the first in (namespace, name) order wins, so the answer never depends on
-// the order of st.Pods.
-func refOwner(st *State, addr netip.Addr) *corev1.Pod {
+// refOwner finds the participating pod that holds addr. When several claim it (a stale status
+// during IP reuse, or a terminating pod that still lists an address it gave up), the owner is,
+// in this order of preference:
+//  1. a pod that is not terminating (no deletionTimestamp): a terminating pod may have released
+//     the address already;
+//  2. a pod on this node: packets from this node's pod interfaces are its pods', and a remote
+//     pod's stale status must not switch a local pod's enforcement off;
+//  3. a Running pod, over a Pending or Unknown one;
+//  4. the first in (namespace, name) order, so the answer never depends on the order of st.Pods.
+func refOwner(st *State, opt Options, addr netip.Addr) *corev1.Pod {
 	var best *corev1.Pod
 	for i := range st.Pods {
 		p := &st.Pods[i]
 		if !refTakesPart(p) || !refPodHasIP(p, addr) {
 			continue
 		}
-		if best == nil || refPodLess(p, best) {
+		if best == nil || refOwnsBefore(p, best, opt) {
 			best = p
 		}
 	}
 	return best
+}
+
+// refOwnsBefore reports whether a's claim to an address beats b's (see refOwner).
+func refOwnsBefore(a, b *corev1.Pod, opt Options) bool {
+	aTerm, bTerm := a.DeletionTimestamp != nil, b.DeletionTimestamp != nil
+	if aTerm != bTerm {
+		return !aTerm
+	}
+	if aLocal, bLocal := refLocal(a, opt), refLocal(b, opt); aLocal != bLocal {
+		return aLocal
+	}
+	if aRun, bRun := a.Status.Phase == corev1.PodRunning, b.Status.Phase == corev1.PodRunning; aRun != bRun {
+		return aRun
+	}
+	return refPodLess(a, b)
 }
 
 func refPodLess(a, b *corev1.Pod) bool {

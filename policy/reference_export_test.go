@@ -8,7 +8,7 @@ import (
 // RefOwner exposes the reference's idea of which pod holds an address to the external tests,
 // so Snapshot.Pod and IsLocal can be checked against it.
 func RefOwner(st *State, opt Options, addr netip.Addr) (ref PodRef, local, ok bool) {
-	p := refOwner(st, addr)
+	p := refOwner(st, opt, addr)
 	if p == nil {
 		return PodRef{}, false, false
 	}
@@ -28,8 +28,8 @@ func RefSides(st *State, opt Options, f Flow) (egress, ingress RefSide) {
 	return RefSide{e.judged, e.isolating, e.matched}, RefSide{i.judged, i.isolating, i.matched}
 }
 
-// RefLocalPodIPs lists, as the API documents LocalPodIPs, every address of every participating
-// local pod (whether or not that pod owns the address when another pod claims it too).
+// RefLocalPodIPs lists, as the API documents LocalPodIPs, every address whose owner (by the
+// reference's rule) is a local pod.
 func RefLocalPodIPs(st *State, opt Options) []netip.Addr {
 	var out []netip.Addr
 	for i := range st.Pods {
@@ -46,7 +46,7 @@ func RefLocalPodIPs(st *State, opt Options) []netip.Addr {
 			raw = append(raw, p.Status.PodIP)
 		}
 		for _, s := range raw {
-			if a, err := netip.ParseAddr(s); err == nil {
+			if a, err := netip.ParseAddr(s); err == nil && refOwner(st, opt, a) == p {
 				out = append(out, a)
 			}
 		}

@@ -9,28 +9,33 @@ import (
 // Snapshot is the compiled decision structure: an immutable index of one State, built by
 // Compile and safe for concurrent use without locks.
 //
-// Layout, chosen so that Decide touches few cache lines and never allocates:
+// Layout, chosen so that Decide touches few cache lines and never allocates, and so that memory
+// follows the size of the policies, not pods times policies:
 //   - by4 and by6 map every participating pod address to its pod (one map lookup per end,
 //     keyed by the address bytes so the key is small and hashes fast);
-//   - hot holds, per pod, only what Decide reads (28 bytes: locality, isolation and ranges of
-//     two flat arrays), apart from the names and addresses Explain needs;
-//   - entries lays out, per pod and direction, the port entries of every rule of the policies
-//     selecting it (16 bytes each, contiguous), so Decide never scans unrelated policies and
-//     only touches a rule (for its peers) when one of its ports matches;
+//   - hot holds, per pod, only what Decide reads (locality, isolation and ranges of two flat
+//     arrays), apart from the names and addresses Explain needs;
+//   - entries lays out, per policy and direction, the port entries of its rules (16 bytes each,
+//     contiguous), and lists holds, per local pod and direction, the entry ranges of the
+//     policies isolating it (pods isolated by the same policies share one list), so Decide never
+//     scans unrelated policies and only touches a rule (for its peers) when one of its ports
+//     matches; remote pods have none, since their own node judges them;
 //   - each distinct peer selector is resolved once to a podSet (bitset or sorted list);
 //   - each rule's ipBlocks (cidr minus except, over all its peers) are flattened into one
 //     disjoint prefix set held in a bart.Lite routing table.
 type Snapshot struct {
 	opt      Options
-	by4      map[[4]byte]int32
-	by6      map[[16]byte]int32
+	by4      map[[4]byte]podID
+	by6      map[[16]byte]podID
 	hot      []podHot
-	entries  []portEntry // podHot.ingress and .egress ranges index this
+	lists    []span      // podHot.ingress and .egress ranges index this; each an entries range
+	entries  []portEntry // cpolicy.ingressAt and .egressAt, and so lists, index this
 	ports    []namedPort // podHot.ports ranges index this
 	pods     []cpod
 	rules    []crule
 	policies []cpolicy
 	sets     []podSet
+	names    []string // portName -> the name
 	stats    Stats
 }
 
@@ -42,14 +47,42 @@ type Stats struct {
 	Policies   int `json:"policies"`
 	Rules      int `json:"rules"`
 	PeerSets   int `json:"peerSets"` // distinct peer selectors resolved to pod sets
+	Invalid    int `json:"invalid"`  // policies that did not compile, isolating only (Options.IsolateInvalid)
 }
+
+// podID indexes Snapshot.pods (and hot). As netip.Addr{} is no address, noPod is no pod: the
+// owner of an address that is no pod's.
+type podID int32
+
+const noPod podID = -1
+
+func (p podID) isPod() bool { return p >= 0 }
+
+// ruleID indexes Snapshot.rules; noRule is none.
+type ruleID int32
+
+const noRule ruleID = -1
+
+// portName is a named port's name interned to a small number; noName marks a numeric port.
+type portName int32
+
+const noName portName = -1
+
+// match is what part of a rule matched a flow: the spec index of the peer (or port) that did,
+// anyMatch when the rule has no peers (ports) so that every one does, or noMatch.
+type match int
+
+const (
+	anyMatch match = -1 // RuleRef's -1
+	noMatch  match = -2
+)
 
 // span is a half-open range [lo, hi) of a flat array.
 type span struct{ lo, hi uint32 }
 
 // podHot is what Decide reads of a pod.
 type podHot struct {
-	ingress, egress span // into Snapshot.entries
+	ingress, egress span // into Snapshot.lists: the entries of each policy isolating the pod
 	ports           span // into Snapshot.ports
 	flags           uint8
 }
@@ -60,12 +93,11 @@ const (
 	podEgressIsolated
 )
 
-// portEntry is one port of one rule that applies to a pod, or the whole rule when it has no
-// ports (proto 0).
+// portEntry is one port of one rule, or the whole rule when it has no ports (proto 0).
 type portEntry struct {
 	lo, hi uint16
-	name   int32 // >= 0 for a named port
-	rule   int32 // index into Snapshot.rules
+	name   portName
+	rule   ruleID
 	proto  Protocol
 	anyNum bool // only a protocol was given
 }
@@ -76,20 +108,28 @@ type cpod struct {
 	node  string
 	local bool
 	ips   []netip.Addr
-	// Rules (indexes into Snapshot.rules) that apply to this pod, per direction.
-	ingressRules, egressRules []int32
-	// Policies (indexes into Snapshot.policies) that isolate this pod, per direction.
+	// Policies (indexes into Snapshot.policies) that isolate this pod, per direction; local
+	// pods only.
 	ingressBy, egressBy []int32
 }
 
 type namedPort struct {
-	name  int32
+	name  portName
 	proto Protocol
 	port  uint16
 }
 
 type cpolicy struct {
-	name string // namespace/name
+	name                string // namespace/name
+	ingress, egress     []ruleID
+	ingressAt, egressAt span // the port entries of ingress and egress, into Snapshot.entries
+}
+
+func (p *cpolicy) rules(dir Direction) []ruleID {
+	if dir == Egress {
+		return p.egress
+	}
+	return p.ingress
 }
 
 // crule is one compiled rule. The fields Decide reads come first, so a rule's hot part
@@ -105,21 +145,21 @@ type crule struct {
 
 	peerIdx    []int32     // spec index of each entry of peerSets
 	blockPeers []blockPeer // the ipBlock peers one by one
-	portText   []string    // each port as written, parallel to ports
 	policy     int32
 	index      int32
 	dir        Direction
 }
 
+// blockPeer is one ipBlock peer as written, for Explain (Decide reads crule.blocks).
 type blockPeer struct {
 	index int32
-	set   *bart.Lite
+	block block
 }
 
 // cport is one port entry: 16 bytes.
 type cport struct {
 	lo, hi uint16
-	name   int32 // >= 0 for a named port
+	name   portName
 	index  int32 // position in the rule's ports
 	proto  Protocol
 	anyNum bool // only a protocol was given
@@ -128,26 +168,41 @@ type cport struct {
 // Generation is Options.Generation at compile time.
 func (s *Snapshot) Generation() uint64 { return s.opt.Generation }
 
-// Node is Options.Node at compile time.
-func (s *Snapshot) Node() string { return s.opt.Node }
+// resolved is a flow with both ends looked up.
+type resolved struct {
+	Flow
+	src, dst podID
+}
+
+func (s *Snapshot) resolve(f Flow) resolved {
+	return resolved{Flow: f, src: s.lookup(f.Src), dst: s.lookup(f.Dst)}
+}
+
+// peer is the end whose address and pod a rule's peers match: the destination for egress,
+// the source for ingress. (Named ports always resolve against the destination.)
+func (r *resolved) peer(egress bool) (netip.Addr, podID) {
+	if egress {
+		return r.Dst, r.dst
+	}
+	return r.Src, r.src
+}
 
 // Decide is the hot path: it answers whether f is allowed on this node, with a one-word
 // reason. It never allocates and takes no lock. Addresses must be native (an IPv4 address is
 // not IPv4-mapped IPv6), as they are in packet headers.
 func (s *Snapshot) Decide(f Flow) Verdict {
-	si, srcPod := s.lookup(f.Src)
-	di, dstPod := s.lookup(f.Dst)
+	r := s.resolve(f)
 	isolated := false
 	const egress, ingress = podLocal | podEgressIsolated, podLocal | podIngressIsolated
-	if srcPod && s.hot[si].flags&egress == egress {
+	if r.src.isPod() && s.hot[r.src].flags&egress == egress {
 		isolated = true
-		if !s.anyRule(s.hot[si].egress, f.Dst, di, dstPod, di, dstPod, f) {
+		if !s.anyRule(s.hot[r.src].egress, &r, true) {
 			return Verdict{Allowed: false, Reason: ReasonEgress}
 		}
 	}
-	if dstPod && s.hot[di].flags&ingress == ingress {
+	if r.dst.isPod() && s.hot[r.dst].flags&ingress == ingress {
 		isolated = true
-		if !s.anyRule(s.hot[di].ingress, f.Src, si, srcPod, di, true, f) {
+		if !s.anyRule(s.hot[r.dst].ingress, &r, false) {
 			return Verdict{Allowed: false, Reason: ReasonIngress}
 		}
 	}
@@ -158,97 +213,107 @@ func (s *Snapshot) Decide(f Flow) Verdict {
 }
 
 // lookup finds the pod owning a (native) address.
-func (s *Snapshot) lookup(a netip.Addr) (int32, bool) {
+func (s *Snapshot) lookup(a netip.Addr) podID {
 	if a.Is4() {
-		i, ok := s.by4[a.As4()]
-		return i, ok
+		if i, ok := s.by4[a.As4()]; ok {
+			return i
+		}
+		return noPod
 	}
-	i, ok := s.by6[a.As16()]
-	return i, ok
+	if i, ok := s.by6[a.As16()]; ok {
+		return i
+	}
+	return noPod
 }
 
-// anyRule reports whether one of the port entries in es lets the peer (peerIP, and peer pod
-// pi when peerIsPod) through on f's protocol and port; named ports resolve against the
-// destination pod dst.
-func (s *Snapshot) anyRule(es span, peerIP netip.Addr, pi int32, peerIsPod bool, dst int32, dstIsPod bool, f Flow) bool {
-	tried := int32(-1) // a rule whose peers were already checked, for rules with several ports
-	for i := es.lo; i < es.hi; i++ {
-		e := &s.entries[i]
-		if e.proto != 0 {
-			if e.proto != f.Proto {
-				continue
-			}
-			switch {
-			case e.anyNum:
-			case e.name >= 0:
-				if !dstIsPod || !s.hasNamedPort(dst, e.name, f.Proto, f.Port) {
+// anyRule reports whether one of the port entries of the policies in list (their egress or
+// ingress rules) lets r through.
+func (s *Snapshot) anyRule(list span, r *resolved, egress bool) bool {
+	ip, peer := r.peer(egress)
+	tried := noRule // a rule whose peers were already checked, for rules with several ports
+	for _, es := range s.lists[list.lo:list.hi] {
+		for i := es.lo; i < es.hi; i++ {
+			e := &s.entries[i]
+			if e.proto != 0 {
+				if e.proto != r.Proto {
 					continue
 				}
-			case f.Port < e.lo || f.Port > e.hi:
+				switch {
+				case e.anyNum:
+				case e.name != noName:
+					if !s.hasNamedPort(r.dst, e.name, r.Proto, r.Port) {
+						continue
+					}
+				case r.Port < e.lo || r.Port > e.hi:
+					continue
+				}
+			}
+			if e.rule == tried {
 				continue
 			}
-		}
-		if e.rule == tried {
-			continue
-		}
-		tried = e.rule
-		if s.rules[e.rule].peerIndex(s, peerIP, pi, peerIsPod) >= -1 {
-			return true
+			tried = e.rule
+			if s.rules[e.rule].peerMatch(s, ip, peer) != noMatch {
+				return true
+			}
 		}
 	}
 	return false
 }
 
-// portIndex returns the spec index of the first port entry of r that matches f, -1 when r
-// has no ports (all match), or -2 when none matches. Explain's counterpart of the port test
-// anyRule makes on the flattened entries.
-func (s *Snapshot) portIndex(r *crule, f Flow, dst int32, dstIsPod bool) int {
-	if r.allPorts {
-		return -1
+// portMatch says which port of rule r lets the flow through. It is Explain's counterpart of
+// the port test anyRule makes on the flattened entries.
+func (s *Snapshot) portMatch(rule *crule, r *resolved) match {
+	if rule.allPorts {
+		return anyMatch
 	}
-	for i := range r.ports {
-		p := &r.ports[i]
-		if p.proto != f.Proto {
+	for i := range rule.ports {
+		p := &rule.ports[i]
+		if p.proto != r.Proto {
 			continue
 		}
 		switch {
 		case p.anyNum:
-			return int(p.index)
-		case p.name >= 0:
-			if dstIsPod && s.hasNamedPort(dst, p.name, f.Proto, f.Port) {
-				return int(p.index)
+			return match(p.index)
+		case p.name != noName:
+			if s.hasNamedPort(r.dst, p.name, r.Proto, r.Port) {
+				return match(p.index)
 			}
-		case f.Port >= p.lo && f.Port <= p.hi:
-			return int(p.index)
+		case r.Port >= p.lo && r.Port <= p.hi:
+			return match(p.index)
 		}
 	}
-	return -2
+	return noMatch
 }
 
-// peerIndex returns the spec index of a peer of r that matches, -1 when r has no peers (all
-// match), or -2 when none does. Pod peers are tried before ipBlocks.
-func (r *crule) peerIndex(s *Snapshot, ip netip.Addr, pi int32, isPod bool) int {
+// peerMatch says which peer of r matches the address ip of pod (noPod: no pod's). Pod peers
+// are tried before ipBlocks.
+func (r *crule) peerMatch(s *Snapshot, ip netip.Addr, pod podID) match {
 	if r.allPeers {
-		return -1
+		return anyMatch
 	}
-	if isPod {
+	if pod.isPod() {
 		for i, si := range r.peerSets {
-			if s.sets[si].contains(pi) {
-				return int(r.peerIdx[i])
+			if s.sets[si].contains(pod) {
+				return match(r.peerIdx[i])
 			}
 		}
 	}
 	if r.blocks != nil && r.blocks.Contains(ip) {
 		for _, b := range r.blockPeers {
-			if b.set.Contains(ip) {
-				return int(b.index)
+			if b.block.contains(ip) {
+				return match(b.index)
 			}
 		}
 	}
-	return -2
+	return noMatch
 }
 
-func (s *Snapshot) hasNamedPort(pod int32, name int32, proto Protocol, port uint16) bool {
+// hasNamedPort reports whether pod (noPod: none, which has no ports) has a container port
+// called name with that protocol and number.
+func (s *Snapshot) hasNamedPort(pod podID, name portName, proto Protocol, port uint16) bool {
+	if !pod.isPod() {
+		return false
+	}
 	ps := s.hot[pod].ports
 	for _, np := range s.ports[ps.lo:ps.hi] {
 		if np.name == name && np.proto == proto && np.port == port {
@@ -260,8 +325,8 @@ func (s *Snapshot) hasNamedPort(pod int32, name int32, proto Protocol, port uint
 
 // Pod returns the pod that owns ip, local or not.
 func (s *Snapshot) Pod(ip netip.Addr) (PodRef, bool) {
-	i, ok := s.lookup(ip.Unmap())
-	if !ok {
+	i := s.lookup(ip.Unmap())
+	if !i.isPod() {
 		return PodRef{}, false
 	}
 	return s.pods[i].ref, true
@@ -280,18 +345,23 @@ func (s *Snapshot) PodIPs(ref PodRef) []netip.Addr {
 
 // IsLocal reports whether ip belongs to a pod on this node.
 func (s *Snapshot) IsLocal(ip netip.Addr) bool {
-	i, ok := s.lookup(ip.Unmap())
-	return ok && s.pods[i].local
+	i := s.lookup(ip.Unmap())
+	return i.isPod() && s.pods[i].local
 }
 
-// LocalPodIPs lists every address of every local pod: the addresses whose packets this node
-// must queue. When two pods claim one address (a stale status during IP reuse), the address
-// may be listed though IsLocal names a remote owner; queueing it is harmless.
+// LocalPodIPs lists every address a local pod owns: the addresses whose packets this node
+// must queue. An address several pods claim is listed when its owner (see addressClaim) is
+// local, so it is listed once and exactly when IsLocal says so.
 func (s *Snapshot) LocalPodIPs() []netip.Addr {
 	var out []netip.Addr
 	for i := range s.pods {
-		if s.pods[i].local {
-			out = append(out, s.pods[i].ips...)
+		if !s.pods[i].local {
+			continue
+		}
+		for _, a := range s.pods[i].ips {
+			if s.lookup(a) == podID(i) {
+				out = append(out, a)
+			}
 		}
 	}
 	return out

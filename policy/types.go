@@ -110,6 +110,11 @@ type Options struct {
 	Node string
 	// Generation is stamped on the snapshot so flow caches can tell stale entries.
 	Generation uint64
+	// IsolateInvalid makes Compile isolate, instead of fail on, policies that do not compile:
+	// the snapshot comes back with the *CompileError that lists them. Sources of live cluster
+	// state want this (one tenant's broken policy must not freeze everyone's updates); tools
+	// that report on a file do not.
+	IsolateInvalid bool
 }
 
 // PodRef names a pod.

@@ -33,11 +33,17 @@ import (
 //     sluice_watch_stale / sluice_watch_stale_seconds say so; the informers relist or resume
 //     their watches when it returns, and the changes made meanwhile are published.
 //   - An object that does not compile never crashes the source and never opens traffic: a
-//     NetworkPolicy that fails to compile is replaced by one that isolates the pods it selects
-//     (all pods of its namespace when its pod selector is the broken part) for the directions it
-//     declares, with no rules. Removing the policy is the safe default of NetworkPolicy only for
-//     policies that never applied; for one that did, dropping it would allow what it denied.
+//     NetworkPolicy that fails to compile (policy.Options.IsolateInvalid) isolates the pods it
+//     selects (all pods of its namespace when its pod selector is the broken part) for the
+//     directions it declares, with no rules. Removing the policy is the safe default of
+//     NetworkPolicy only for policies that never applied; for one that did, dropping it would
+//     allow what it denied.
 type APISource struct {
+	// Persist, when its Path is set, writes the state of each published snapshot to a
+	// node-local file (rate-limited, and once more when Run returns); LoadPersisted reads it
+	// back. Set it before Run.
+	Persist Persist
+
 	cfg      *rest.Config
 	opt      policy.Options
 	log      *slog.Logger
@@ -61,6 +67,7 @@ type APISource struct {
 // NewAPISource returns a source that watches the API server cfg points at. opt.Node selects the
 // local pods (pods of every node are watched, since remote pods are peers of local ones);
 // debounce is how long changes are gathered before one compile (DefaultDebounce when <= 0).
+// opt.IsolateInvalid is always set: see APISource.
 func NewAPISource(cfg *rest.Config, opt policy.Options, log *slog.Logger, debounce time.Duration) *APISource {
 	if log == nil {
 		log = slog.Default()
@@ -68,6 +75,7 @@ func NewAPISource(cfg *rest.Config, opt policy.Options, log *slog.Logger, deboun
 	if debounce <= 0 {
 		debounce = DefaultDebounce
 	}
+	opt.IsolateInvalid = true
 	return &APISource{
 		cfg: cfg, opt: opt, log: log.With("source", "api"), debounce: debounce,
 		kick:      make(chan struct{}, 1),
@@ -122,7 +130,15 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 	s.log.Info("caches synced", "pods", len(s.pods.GetStore().ListKeys()),
 		"namespaces", len(s.nss.GetStore().ListKeys()), "networkpolicies", len(s.pols.GetStore().ListKeys()))
 
-	c := newCompiler("api", s.opt, s.log)
+	pub := newPublisher("api", s.opt, s.log)
+	var store *persister
+	if s.Persist.Path != "" {
+		store = newPersister(s.Persist, s.log)
+		// Its own context: the last write happens after ctx is done, and Run waits for it.
+		storeCtx, stop := context.WithCancel(context.Background())
+		go store.run(storeCtx)
+		defer func() { stop(); <-store.done }()
+	}
 	first := true
 	for {
 		if !first {
@@ -152,18 +168,22 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 		s.dirtyAt = time.Time{}
 		s.mu.Unlock()
 
-		snap, err := s.compile(c, s.state())
+		st := s.state()
+		snap, err := s.compile(pub, st)
 		if err != nil {
-			s.log.Error("cluster state does not compile; the last snapshot stays in force", "err", err, "generation", c.gen)
+			s.log.Error("cluster state does not compile; the last snapshot stays in force", "err", err, "generation", pub.gen)
 			continue
 		}
 		publish(snap)
+		if store != nil {
+			store.offer(st, snap.Generation())
+		}
 		if first {
-			c.published(snap, time.Time{})
+			pub.published(snap, time.Time{})
 			s.ready.Store(true)
 			first = false
 		} else {
-			c.published(snap, at)
+			pub.published(snap, at)
 		}
 	}
 }
@@ -267,7 +287,7 @@ func (s *APISource) health(ctx context.Context, resource string, err error) {
 	}
 	delete(s.unhealthy, resource)
 	if len(s.unhealthy) == 0 {
-		s.log.Info("API server reachable again; watches resumed", "staleFor", time.Since(s.staleAt).Round(time.Millisecond).String())
+		s.log.Info("API server reachable again; watches resumed", "stale_for", time.Since(s.staleAt).Round(time.Millisecond).String())
 		s.staleAt = time.Time{}
 		staleSinceNanos.Store(0)
 		metricStale.WithLabelValues("api").Set(0)
@@ -312,107 +332,60 @@ func (s *APISource) state() *policy.State {
 	return st
 }
 
-// compile compiles st; when some policies do not compile, it neutralises them (see APISource)
-// and compiles again.
-func (s *APISource) compile(c *compiler, st *policy.State) (*policy.Snapshot, error) {
-	snap, err := c.compile(st)
-	if err == nil {
-		s.forgetBad(st.Policies)
-		return snap, nil
+// compile compiles st, isolating the policies that do not compile (see APISource) and
+// reporting each once per version of the object.
+func (s *APISource) compile(pub *publisher, st *policy.State) (*policy.Snapshot, error) {
+	snap, err := pub.compile(st)
+	var ce *policy.CompileError
+	if err != nil && (snap == nil || !errors.As(err, &ce)) {
+		return nil, err
 	}
-	fixed, bad := neutralise(st.Policies, s.opt)
-	if len(bad) == 0 {
-		return nil, err // not a single policy's fault
+	var bad []policy.PolicyError
+	if ce != nil {
+		bad = ce.Policies
 	}
-	s.reportBad(bad)
-	st2 := *st
-	st2.Policies = fixed
-	snap, err2 := c.compile(&st2)
-	if err2 != nil {
-		return nil, errors.Join(err, err2)
-	}
+	s.reportBad(st.Policies, bad)
 	return snap, nil
 }
 
-// badPolicy is a policy that failed to compile on its own.
-type badPolicy struct {
-	key, rv string
-	err     error
-}
-
-// neutralise returns pols with every policy that fails to compile on its own replaced by an
-// isolating policy without rules.
-func neutralise(pols []networkingv1.NetworkPolicy, opt policy.Options) ([]networkingv1.NetworkPolicy, []badPolicy) {
-	var bad []badPolicy
-	out := make([]networkingv1.NetworkPolicy, len(pols))
-	for i := range pols {
-		np := &pols[i]
-		out[i] = *np
-		if _, err := policy.Compile(&policy.State{Policies: []networkingv1.NetworkPolicy{*np}}, opt); err == nil {
-			continue
-		} else {
-			bad = append(bad, badPolicy{key: np.Namespace + "/" + np.Name, rv: np.ResourceVersion, err: err})
-		}
-		out[i] = isolateOnly(np)
-	}
-	return out, bad
-}
-
-// isolateOnly keeps what a broken policy says about whom it isolates, and nothing it allows.
-func isolateOnly(np *networkingv1.NetworkPolicy) networkingv1.NetworkPolicy {
-	n := networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: np.Name, Namespace: np.Namespace, ResourceVersion: np.ResourceVersion}}
-	if _, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector); err == nil {
-		n.Spec.PodSelector = *np.Spec.PodSelector.DeepCopy()
-	} // else the empty selector: every pod of the namespace, since we cannot tell which it meant
-	typesOK := true
-	for _, t := range np.Spec.PolicyTypes {
-		if t != networkingv1.PolicyTypeIngress && t != networkingv1.PolicyTypeEgress {
-			typesOK = false
-		}
-	}
-	switch {
-	case !typesOK:
-		n.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress}
-	case len(np.Spec.PolicyTypes) > 0:
-		n.Spec.PolicyTypes = append([]networkingv1.PolicyType(nil), np.Spec.PolicyTypes...)
-	default:
-		n.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}
-		if len(np.Spec.Egress) > 0 {
-			n.Spec.PolicyTypes = append(n.Spec.PolicyTypes, networkingv1.PolicyTypeEgress)
-		}
-	}
-	return n
-}
-
-func (s *APISource) reportBad(bad []badPolicy) {
+// reportBad logs each policy of bad whose version was not reported yet, and each policy reported
+// before that compiles now (fixed or deleted).
+func (s *APISource) reportBad(pols []networkingv1.NetworkPolicy, bad []policy.PolicyError) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, b := range bad {
-		if s.badSeen[b.key] == b.rv {
-			continue // reported already; the object has not changed
-		}
-		s.badSeen[b.key] = b.rv
-		metricErrors.WithLabelValues("api", "object").Inc()
-		s.log.Error("NetworkPolicy does not compile; the pods it selects stay isolated with none of its rules until it is fixed",
-			"policy", b.key, "resourceVersion", b.rv, "err", b.err)
-	}
-}
-
-func (s *APISource) forgetBad(pols []networkingv1.NetworkPolicy) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.badSeen) == 0 {
+	if len(bad) == 0 && len(s.badSeen) == 0 {
 		return
 	}
-	keys := make([]string, 0, len(s.badSeen))
-	for k := range s.badSeen {
-		keys = append(keys, k)
+	version := make(map[string]string, len(bad))
+	if len(bad) > 0 {
+		for i := range pols {
+			version[pols[i].Namespace+"/"+pols[i].Name] = pols[i].ResourceVersion
+		}
 	}
-	sort.Strings(keys)
-	for _, k := range keys {
+	now := make(map[string]bool, len(bad))
+	for i := range bad {
+		b := &bad[i]
+		now[b.Policy] = true
+		rv := version[b.Policy]
+		if seen, ok := s.badSeen[b.Policy]; ok && seen == rv {
+			continue // reported already; the object has not changed
+		}
+		s.badSeen[b.Policy] = rv
+		metricErrors.WithLabelValues("api", "object").Inc()
+		s.log.Error("NetworkPolicy does not compile; the pods it selects stay isolated with none of its rules until it is fixed",
+			"policy", b.Policy, "resource_version", rv, "field", b.Field, "err", b.Err)
+	}
+	fixed := make([]string, 0, len(s.badSeen))
+	for k := range s.badSeen {
+		if !now[k] {
+			fixed = append(fixed, k)
+		}
+	}
+	sort.Strings(fixed)
+	for _, k := range fixed {
+		delete(s.badSeen, k)
 		s.log.Info("NetworkPolicy compiles again (fixed or deleted)", "policy", k)
 	}
-	clear(s.badSeen)
 }
 
 // trim keeps only what policy needs of an object, so tens of thousands of pods fit in little

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"sync"
@@ -146,6 +147,8 @@ func TestAPISourceAgainstRealAPIServer(t *testing.T) {
 	mkPod(t, ctx, c, podObj("other", "client", nil, "node-b"), "10.244.2.30")
 
 	src := NewAPISource(env.Config, policy.Options{Node: "node-a"}, testLogger(t), 50*time.Millisecond)
+	persisted := filepath.Join(t.TempDir(), "last-good.state")
+	src.Persist = Persist{Path: persisted, Every: 100 * time.Millisecond, Version: "test-1"}
 	var f inForce
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
@@ -256,6 +259,10 @@ func TestAPISourceAgainstRealAPIServer(t *testing.T) {
 	})
 	step("deny-all created: web -> db", at, webDB, false)
 	genBefore := f.cur.Load().Generation()
+	eventually(t, "the state in force is persisted", func() bool {
+		_, info, err := LoadPersisted(persisted, policy.Options{Node: "node-a"})
+		return err == nil && info.Generation == genBefore
+	})
 
 	env.StopAPIServer()
 	eventually(t, "the source reports stale after the API server stopped", func() bool { st, _ := src.Stale(); return st })
@@ -271,6 +278,20 @@ func TestAPISourceAgainstRealAPIServer(t *testing.T) {
 		t.Errorf("sluice_watch_stale_seconds is %v during the outage", staleSeconds())
 	}
 	t.Logf("watch errors counted during the outage: %v", metricValue(metricErrors.WithLabelValues("api", "watch")))
+	// An agent restarting now finds the persisted state: the same decisions as the snapshot in
+	// force, the deny-all included.
+	last, info, err := LoadPersisted(persisted, policy.Options{Node: "node-a"})
+	if err != nil {
+		t.Fatalf("loading the persisted state during the outage: %v", err)
+	}
+	if info.Generation != genBefore || info.SluiceVersion != "test-1" || info.Pods != 3 || last.Generation() != genBefore {
+		t.Errorf("persisted header %+v, snapshot generation %d; want generation %d, version test-1, 3 pods", info, last.Generation(), genBefore)
+	}
+	for _, fl := range []policy.Flow{webDB, clientDB, newClient, tcp("10.244.1.20", "10.244.1.10", 80)} {
+		if got, want := last.Decide(fl), f.cur.Load().Decide(fl); got != want {
+			t.Errorf("persisted snapshot decides %s -> %s:%d as %+v, the snapshot in force %+v", fl.Src, fl.Dst, fl.Port, got, want)
+		}
+	}
 
 	env.StartAPIServer()
 	// The change is made after the restart; the informers must resume and deliver it.

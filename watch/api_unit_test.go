@@ -2,6 +2,7 @@ package watch
 
 import (
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -55,8 +56,8 @@ func TestNeutraliseKeepsIsolation(t *testing.T) {
 		t.Fatal("the broken state compiled; the test needs policies that do not")
 	}
 	s := NewAPISource(nil, policy.Options{}, testLogger(t), 0)
-	c := newCompiler("test", policy.Options{}, testLogger(t))
-	snap, err := s.compile(c, st)
+	pub := newPublisher("test", s.opt, testLogger(t))
+	snap, err := s.compile(pub, st)
 	if err != nil {
 		t.Fatalf("compile with neutralisation: %v", err)
 	}
@@ -133,5 +134,54 @@ func TestTrimKeepsWhatPolicyReads(t *testing.T) {
 	m3, _ := trim(moved)
 	if !relevantChange(cp, m3) {
 		t.Error("a label change not counted")
+	}
+	// A pod being deleted loses an address it shares with another pod (policy.Compile), so
+	// deletionTimestamp is kept and its arrival is a change.
+	deleting := in.DeepCopy()
+	deleting.DeletionTimestamp = &metav1.Time{Time: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)}
+	m4, _ := trim(deleting)
+	if got := m4.(*cachedPod).pod(); got.DeletionTimestamp == nil || !got.DeletionTimestamp.Equal(deleting.DeletionTimestamp) {
+		t.Errorf("trim lost deletionTimestamp: %v", got.DeletionTimestamp)
+	}
+	if !relevantChange(cp, m4) {
+		t.Error("a pod turning terminating not counted as a change")
+	}
+}
+
+// A sidecar's named port, cached by trim, is one a policy can name; an ordinary init
+// container's is dropped and matches nothing.
+func TestCachedPodSidecarPortsMatch(t *testing.T) {
+	always := corev1.ContainerRestartPolicyAlways
+	in := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "p", Labels: map[string]string{"app": "x"}},
+		Spec: corev1.PodSpec{
+			Containers: []corev1.Container{{Name: "c", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 80, Protocol: corev1.ProtocolTCP}}}},
+			InitContainers: []corev1.Container{
+				{Name: "proxy", RestartPolicy: &always, Ports: []corev1.ContainerPort{{Name: "metrics", ContainerPort: 9090, Protocol: corev1.ProtocolTCP}}},
+				{Name: "setup", Ports: []corev1.ContainerPort{{Name: "setup", ContainerPort: 7000, Protocol: corev1.ProtocolTCP}}},
+			},
+		},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.0.0.1", PodIPs: []corev1.PodIP{{IP: "10.0.0.1"}}},
+	}
+	o, _ := trim(in)
+	var ports []networkingv1.NetworkPolicyPort
+	for _, n := range []string{"http", "metrics", "setup"} {
+		ports = append(ports, networkingv1.NetworkPolicyPort{Port: ptr(intstr.FromString(n))})
+	}
+	st := &policy.State{
+		Pods: []corev1.Pod{o.(*cachedPod).pod()},
+		Policies: []networkingv1.NetworkPolicy{{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "named"},
+			Spec:       networkingv1.NetworkPolicySpec{Ingress: []networkingv1.NetworkPolicyIngressRule{{Ports: ports}}},
+		}},
+	}
+	snap, err := policy.Compile(st, policy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for port, want := range map[uint16]bool{80: true, 9090: true, 7000: false} {
+		if v := snap.Decide(tcp("192.0.2.1", "10.0.0.1", port)); v.Allowed != want {
+			t.Errorf("port %d through the cached pod: %+v, want allowed=%v", port, v, want)
+		}
 	}
 }

@@ -16,7 +16,7 @@ import (
 // is tens of megabytes on every node.
 type cachedPod struct {
 	metav1.TypeMeta
-	metav1.ObjectMeta // name, namespace, uid, resourceVersion, labels
+	metav1.ObjectMeta // name, namespace, uid, resourceVersion, deletionTimestamp, labels
 	NodeName          string
 	HostNetwork       bool
 	Phase             corev1.PodPhase
@@ -28,7 +28,9 @@ type cachedPod struct {
 
 func newCachedPod(o *corev1.Pod) *cachedPod {
 	p := &cachedPod{
-		ObjectMeta:  metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, UID: o.UID, ResourceVersion: o.ResourceVersion},
+		// deletionTimestamp decides who owns an address two pods claim (policy.Compile).
+		ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, UID: o.UID, ResourceVersion: o.ResourceVersion,
+			DeletionTimestamp: o.DeletionTimestamp},
 		NodeName:    o.Spec.NodeName,
 		HostNetwork: o.Spec.HostNetwork,
 		Phase:       o.Status.Phase,
@@ -47,8 +49,8 @@ func newCachedPod(o *corev1.Pod) *cachedPod {
 		}
 	}
 	for _, c := range o.Spec.InitContainers {
-		// Restartable init containers (sidecars) serve ports like containers do.
-		if c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+		// Sidecars serve ports like containers do; other init containers name nothing.
+		if policy.IsSidecar(&c) {
 			if ports := namedPorts(c.Ports); len(ports) > 0 {
 				p.InitContainers = append(p.InitContainers, corev1.Container{Name: c.Name, Ports: ports, RestartPolicy: c.RestartPolicy})
 			}
@@ -91,6 +93,7 @@ func copyContainers(in []corev1.Container) []corev1.Container {
 // samePolicyView reports whether two cache entries are the same to policy.
 func (p *cachedPod) samePolicyView(o *cachedPod) bool {
 	return p.NodeName == o.NodeName && p.HostNetwork == o.HostNetwork && p.Phase == o.Phase && p.PodIP == o.PodIP &&
+		(p.DeletionTimestamp == nil) == (o.DeletionTimestamp == nil) &&
 		apiequality.Semantic.DeepEqual(p.Labels, o.Labels) && apiequality.Semantic.DeepEqual(p.PodIPs, o.PodIPs) &&
 		apiequality.Semantic.DeepEqual(p.Containers, o.Containers) && apiequality.Semantic.DeepEqual(p.InitContainers, o.InitContainers)
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -23,26 +24,43 @@ import (
 // burst keeps the CPU for packets.
 const DefaultDebounce = 100 * time.Millisecond
 
-// FileSource reads a state file (the format of policy.LoadFile) and re-reads it when it changes.
+// DefaultSettle is how long the file source waits for a state file whose last line is not
+// finished (no newline at the end) to change again before it applies it as it is.
+const DefaultSettle = 2 * time.Second
+
+// FileSource reads a state file (the format of policy.Load) and re-reads it when it changes.
 // A file that cannot be read or is invalid is logged and the last good snapshot stays in force;
 // only the very first load is fatal, since then there is nothing to enforce.
+//
+// A file is read once per change, and the bytes read are both hashed (a save without changes
+// publishes nothing) and parsed, so the snapshot in force is always exactly the content the hash
+// names. A read that is not a whole file keeps the last good snapshot: when the file changed
+// while it was read, it is read again after Debounce; when it is empty or its last line is
+// unfinished (a writer that truncates and rewrites in place, caught in the middle; every YAML
+// writer ends its output with a newline), it is applied only if it is still the same after
+// Settle.
 type FileSource struct {
 	path string
 	opt  policy.Options
 	log  *slog.Logger
 	// Debounce is the quiet time after the last change before the file is re-read.
 	Debounce time.Duration
+	// Settle is how long a file with an unfinished last line must stay unchanged to be applied.
+	Settle time.Duration
 
 	ready atomic.Bool
 }
 
 // NewFileSource returns a source for the state file at path. opt.Node selects the local pods;
 // opt.Generation is the generation before the first snapshot (each snapshot gets the next one).
+// A file is applied whole or not at all, so opt.IsolateInvalid is cleared: a policy in it that
+// does not compile keeps the last good snapshot in force, like any other error in the file.
 func NewFileSource(path string, opt policy.Options, log *slog.Logger) *FileSource {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &FileSource{path: path, opt: opt, log: log.With("source", "file", "path", path), Debounce: DefaultDebounce}
+	opt.IsolateInvalid = false
+	return &FileSource{path: path, opt: opt, log: log.With("source", "file", "path", path), Debounce: DefaultDebounce, Settle: DefaultSettle}
 }
 
 // Ready reports whether the first snapshot has been published.
@@ -66,26 +84,22 @@ func (s *FileSource) Run(ctx context.Context, publish func(*policy.Snapshot)) er
 		return fmt.Errorf("watching the directory of state file %s: %w (does the directory exist?)", s.path, err)
 	}
 
-	c := newCompiler("file", s.opt, s.log)
-	// The watch is set up before the first read, so a write in between is not missed.
-	snap, sum, err := s.load(c, abs, nil)
-	if err != nil {
-		metricErrors.WithLabelValues("file", "load").Inc()
-		return fmt.Errorf("state file %s: %w", s.path, err)
-	}
-	publish(snap)
-	c.published(snap, time.Time{})
-	s.ready.Store(true)
-	metricStale.WithLabelValues("file").Set(0)
-
-	debounce := s.Debounce
+	debounce, settle := s.Debounce, s.Settle
 	if debounce <= 0 {
 		debounce = DefaultDebounce
 	}
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
+	if settle <= 0 {
+		settle = DefaultSettle
+	}
+	pub := newPublisher("file", s.opt, s.log)
+	// The watch is set up before the first read, so a write in between is not missed.
+	timer := time.NewTimer(0)
 	defer timer.Stop()
-	var changedAt time.Time // first event of the burst being debounced; zero when none pending
+	var (
+		inForce    []byte    // sha256 of the bytes the snapshot in force was built from; nil before the first
+		unfinished []byte    // sha256 of a read with an unfinished last line, waiting out settle
+		changedAt  time.Time // first event of the burst being debounced; zero when none pending
+	)
 	base := filepath.Base(abs)
 	for {
 		select {
@@ -114,25 +128,81 @@ func (s *FileSource) Run(ctx context.Context, publish func(*policy.Snapshot)) er
 			}
 			timer.Reset(debounce)
 		case <-timer.C:
-			at := changedAt
+			raw, err := readWhole(abs)
+			if errors.Is(err, errChanging) {
+				s.log.Debug("state file changed while it was read; reading it again", "after", debounce)
+				timer.Reset(debounce)
+				continue
+			}
+			if err == nil {
+				sum := sha256.Sum256(raw)
+				switch {
+				case bytes.Equal(sum[:], inForce): // same bytes as the snapshot in force
+					unfinished = nil
+					changedAt = time.Time{}
+					metricStale.WithLabelValues("file").Set(0)
+					continue
+				case (len(raw) == 0 || raw[len(raw)-1] != '\n') && !bytes.Equal(sum[:], unfinished):
+					// Empty too: a writer that truncates before it writes leaves that first.
+					s.log.Info("state file ends in the middle of a line; waiting for the write to finish before applying it",
+						"settle", settle, "generation", pub.gen)
+					unfinished = sum[:]
+					timer.Reset(settle)
+					continue
+				}
+				unfinished = nil
+				var snap *policy.Snapshot
+				if snap, err = s.load(pub, abs, raw); err == nil {
+					inForce = sum[:]
+					metricStale.WithLabelValues("file").Set(0)
+					publish(snap)
+					pub.published(snap, changedAt)
+					changedAt = time.Time{}
+					s.ready.Store(true)
+					continue
+				}
+			}
+			metricErrors.WithLabelValues("file", "load").Inc()
+			if inForce == nil {
+				return fmt.Errorf("state file %s: %w", s.path, err)
+			}
 			changedAt = time.Time{}
-			next, nextSum, err := s.load(c, abs, sum)
-			if err != nil {
-				metricErrors.WithLabelValues("file", "load").Inc()
-				metricStale.WithLabelValues("file").Set(1)
-				s.log.Error("state file not applied; the last good snapshot stays in force until the file is fixed",
-					"err", err, "generation", c.gen)
-				continue
-			}
-			metricStale.WithLabelValues("file").Set(0)
-			if next == nil { // same bytes as the snapshot in force
-				continue
-			}
-			sum = nextSum
-			publish(next)
-			c.published(next, at)
+			metricStale.WithLabelValues("file").Set(1)
+			s.log.Error("state file not applied; the last good snapshot stays in force until the file is fixed",
+				"err", err, "generation", pub.gen)
 		}
 	}
+}
+
+// errChanging says a read did not see one version of the file.
+var errChanging = errors.New("the file changed while it was read")
+
+// readWhole reads path through one open file, and fails with errChanging when the file's size
+// or modification time moved during the read, or the bytes read are not its size (a writer
+// truncating or appending meanwhile).
+func readWhole(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	before, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	raw, err := io.ReadAll(f)
+	if err != nil {
+		return nil, err
+	}
+	after, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if before.Mode().IsRegular() &&
+		(before.Size() != after.Size() || !before.ModTime().Equal(after.ModTime()) || int64(len(raw)) != after.Size()) {
+		return nil, errChanging
+	}
+	return raw, nil
 }
 
 // relevant reports whether ev may have changed the file named base. Names starting with ".."
@@ -146,27 +216,18 @@ func relevant(ev fsnotify.Event, base string) bool {
 	return name == base || strings.HasPrefix(name, "..")
 }
 
-// load reads and compiles the file. When its bytes hash to prev it returns a nil snapshot: a
-// save without changes should not renumber the snapshot and flush every flow cache.
-func (s *FileSource) load(c *compiler, path string, prev []byte) (*policy.Snapshot, []byte, error) {
-	raw, err := os.ReadFile(path)
+// load parses and compiles raw, the bytes read from the file at path.
+func (s *FileSource) load(pub *publisher, path string, raw []byte) (*policy.Snapshot, error) {
+	st, notes, err := policy.Load(bytes.NewReader(raw), path)
 	if err != nil {
-		return nil, nil, err
-	}
-	h := sha256.Sum256(raw)
-	if prev != nil && bytes.Equal(h[:], prev) {
-		return nil, prev, nil
-	}
-	st, notes, err := policy.LoadFile(path)
-	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	for _, n := range notes {
 		s.log.Info("state file note", "note", n)
 	}
-	snap, err := c.compile(st)
+	snap, err := pub.compile(st)
 	if err != nil {
-		return nil, nil, fmt.Errorf("compiling the policies: %w", err)
+		return nil, fmt.Errorf("compiling the policies: %w", err)
 	}
-	return snap, h[:], nil
+	return snap, nil
 }

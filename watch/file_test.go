@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -263,5 +264,113 @@ func TestFileSourceConfigMapSwap(t *testing.T) {
 	}
 	if v := s.Decide(webToDB(5432)); v.Allowed {
 		t.Errorf("web->db:5432 still allowed after the swap: %v", v)
+	}
+}
+
+// guardDB isolates the database for ingress, allowing nothing; written in block style so that
+// a prefix of it still parses.
+const guardDB = `---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: guard
+  namespace: shop
+spec:
+  policyTypes: [Ingress]
+  podSelector:
+    matchLabels:
+      tier: database
+`
+
+// runFile starts a file source on path and returns its snapshots.
+func runFile(t *testing.T, path string, settle time.Duration) <-chan *policy.Snapshot {
+	t.Helper()
+	src := NewFileSource(path, policy.Options{}, testLogger(t))
+	src.Debounce, src.Settle = 20*time.Millisecond, settle
+	ch := make(chan *policy.Snapshot, 16)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, func(s *policy.Snapshot) { ch <- s }) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run after cancel: %v", err)
+		}
+	})
+	return ch
+}
+
+func writeInPlace(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A writer that truncates the file and writes it again, caught in the middle: the prefix it
+// has written parses (it selects "tier: data", so it would open the database), but its last
+// line is unfinished, so the last good snapshot stays until the write completes; then each
+// complete version, including a revert to the earlier content, is applied.
+func TestFileSourcePartialWrite(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state.yaml")
+	guarded, open := fileStateHeader+guardDB, fileStateHeader+dbPolicy("5432")
+	partial := guarded[:len(guarded)-len("base\n")]
+	if !strings.HasSuffix(partial, "tier: data") {
+		t.Fatalf("the partial write should end in the middle of the selector: %q", partial[len(partial)-20:])
+	}
+	// Control: the partial content, were it applied, would open the database.
+	st, _, err := policy.Load(strings.NewReader(partial), "partial")
+	if err != nil {
+		t.Fatalf("the partial write does not even parse, so the test would prove nothing: %v", err)
+	}
+	if snap, err := policy.Compile(st, policy.Options{}); err != nil || !snap.Decide(webToDB(6379)).Allowed {
+		t.Fatalf("the partial write would not open the database (%v), so the test would prove nothing", err)
+	}
+
+	writeInPlace(t, path, guarded)
+	ch := runFile(t, path, time.Minute)
+	s1 := nextSnap(t, ch, "first load")
+	if v := s1.Decide(webToDB(6379)); v.Allowed {
+		t.Fatalf("web->db:6379 allowed by the guarded state: %v", v)
+	}
+
+	writeInPlace(t, path, partial)
+	select {
+	case s := <-ch:
+		t.Fatalf("a write caught in the middle published generation %d (web->db:6379 %v)", s.Generation(), s.Decide(webToDB(6379)))
+	case <-time.After(500 * time.Millisecond): // 25 debounce periods
+	}
+
+	// The writer finishes with other content; then reverts to the content before it.
+	writeInPlace(t, path, open)
+	s2 := nextSnap(t, ch, "the finished write")
+	if v := s2.Decide(webToDB(5432)); !v.Allowed || v.Reason != policy.ReasonRule {
+		t.Errorf("web->db:5432 after the finished write: %v, want allowed by the rule", v)
+	}
+	writeInPlace(t, path, guarded[:len(guarded)-10])
+	writeInPlace(t, path, guarded)
+	s3 := nextSnap(t, ch, "the revert to the guarded state")
+	if v := s3.Decide(webToDB(5432)); v.Allowed {
+		t.Errorf("web->db:5432 allowed after the revert to the guarded state: %v", v)
+	}
+	if s3.Generation() <= s2.Generation() {
+		t.Errorf("generation went from %d to %d", s2.Generation(), s3.Generation())
+	}
+}
+
+// A file that really ends without a newline (hand-written) is applied once it has stayed the
+// same for Settle.
+func TestFileSourceSettlesUnfinishedLine(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state.yaml")
+	content := strings.TrimSuffix(fileStateHeader+dbPolicy("5432"), "\n")
+	writeInPlace(t, path, content)
+	start := time.Now()
+	ch := runFile(t, path, 300*time.Millisecond)
+	s := nextSnap(t, ch, "a file without a final newline, after Settle")
+	if waited := time.Since(start); waited < 300*time.Millisecond {
+		t.Errorf("applied after %v, before Settle (300ms)", waited)
+	}
+	if v := s.Decide(webToDB(5432)); !v.Allowed {
+		t.Errorf("web->db:5432 denied by the settled file: %v", v)
 	}
 }

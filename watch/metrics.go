@@ -21,13 +21,9 @@ var (
 		Help:    "Time spent in policy.Compile for one snapshot.",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
 	}, []string{"source"})
-	metricGeneration = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "sluice_watch_snapshot_generation",
-		Help: "Generation of the last snapshot published.",
-	}, []string{"source"})
 	metricSnapshotSize = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "sluice_watch_snapshot_objects",
-		Help: "Size of the last snapshot published, by kind (namespaces, pods, local_pods, policies, rules).",
+		Help: "Size of the last snapshot published, by kind (namespaces, pods, local_pods, policies, rules, invalid_policies: policies that do not compile and only isolate).",
 	}, []string{"source", "kind"})
 	metricLastPublish = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "sluice_watch_last_publish_timestamp_seconds",
@@ -35,8 +31,16 @@ var (
 	}, []string{"source"})
 	metricErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sluice_watch_errors_total",
-		Help: "Errors by kind: load (state file unreadable or invalid; last good snapshot kept), compile, watch (list/watch against the API server failed), object (an object skipped or neutralised because it is invalid).",
+		Help: "Errors by kind: load (state file unreadable or invalid; last good snapshot kept), compile, watch (list/watch against the API server failed), object (an object skipped or neutralised because it is invalid), persist (the last-known-good state file could not be written).",
 	}, []string{"source", "kind"})
+	metricPersisted = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "sluice_watch_persisted_total",
+		Help: "Writes of the last-known-good state file (at most one per persist interval, plus one at exit).",
+	})
+	metricLastPersist = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "sluice_watch_last_persist_timestamp_seconds",
+		Help: "Unix time the last-known-good state file was last written (0: never, or the store is off).",
+	})
 	metricStale = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "sluice_watch_stale",
 		Help: "1 while the source cannot refresh its state (API server unreachable, or the state file is invalid) and the last good snapshot is kept in force; 0 otherwise.",
@@ -53,8 +57,8 @@ var (
 
 // Collectors returns every watch metric, for registries built by hand.
 func Collectors() []prometheus.Collector {
-	return []prometheus.Collector{metricPropagation, metricCompile, metricGeneration, metricSnapshotSize,
-		metricLastPublish, metricErrors, metricStale, metricStaleSeconds, metricReady}
+	return []prometheus.Collector{metricPropagation, metricCompile, metricSnapshotSize,
+		metricLastPublish, metricErrors, metricStale, metricStaleSeconds, metricReady, metricPersisted, metricLastPersist}
 }
 
 // RegisterMetrics registers the watch metrics with r. Registering twice with the same registry

@@ -33,54 +33,58 @@ func staleSeconds() float64 {
 	return time.Since(time.Unix(0, t)).Seconds()
 }
 
-// compiler stamps generations and keeps the metrics common to both sources.
-type compiler struct {
+// publisher numbers the snapshots of one source (generations without gaps, always increasing)
+// and records each one handed to the dataplane in the metrics common to both sources.
+type publisher struct {
 	source string
 	opt    policy.Options
 	gen    uint64
 	log    *slog.Logger
 }
 
-func newCompiler(source string, opt policy.Options, log *slog.Logger) *compiler {
+func newPublisher(source string, opt policy.Options, log *slog.Logger) *publisher {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &compiler{source: source, opt: opt, gen: opt.Generation, log: log}
+	return &publisher{source: source, opt: opt, gen: opt.Generation, log: log}
 }
 
-// compile builds the next generation from st. The generation is consumed only on success, so the
-// published generations have no gaps and always increase.
-func (c *compiler) compile(st *policy.State) (*policy.Snapshot, error) {
-	opt := c.opt
-	opt.Generation = c.gen + 1
+// compile builds the next generation from st. The generation is consumed only when a snapshot
+// comes back, so the published generations have no gaps and always increase. With
+// Options.IsolateInvalid that snapshot may come with the *policy.CompileError of the policies
+// it isolates.
+func (p *publisher) compile(st *policy.State) (*policy.Snapshot, error) {
+	opt := p.opt
+	opt.Generation = p.gen + 1
 	start := time.Now()
 	snap, err := policy.Compile(st, opt)
-	metricCompile.WithLabelValues(c.source).Observe(time.Since(start).Seconds())
-	if err != nil {
-		metricErrors.WithLabelValues(c.source, "compile").Inc()
+	metricCompile.WithLabelValues(p.source).Observe(time.Since(start).Seconds())
+	if snap == nil {
+		metricErrors.WithLabelValues(p.source, "compile").Inc()
 		return nil, err
 	}
-	c.gen = opt.Generation
-	return snap, nil
+	p.gen = opt.Generation
+	return snap, err
 }
 
 // published records a snapshot handed to the dataplane; changedAt is when the oldest change it
 // contains was seen (zero when unknown).
-func (c *compiler) published(snap *policy.Snapshot, changedAt time.Time) {
+func (p *publisher) published(snap *policy.Snapshot, changedAt time.Time) {
 	now := time.Now()
 	if !changedAt.IsZero() {
-		metricPropagation.WithLabelValues(c.source).Observe(now.Sub(changedAt).Seconds())
+		metricPropagation.WithLabelValues(p.source).Observe(now.Sub(changedAt).Seconds())
 	}
 	st := snap.Stats()
-	metricGeneration.WithLabelValues(c.source).Set(float64(snap.Generation()))
-	metricLastPublish.WithLabelValues(c.source).Set(float64(now.UnixNano()) / 1e9)
-	metricSnapshotSize.WithLabelValues(c.source, "namespaces").Set(float64(st.Namespaces))
-	metricSnapshotSize.WithLabelValues(c.source, "pods").Set(float64(st.Pods))
-	metricSnapshotSize.WithLabelValues(c.source, "local_pods").Set(float64(st.LocalPods))
-	metricSnapshotSize.WithLabelValues(c.source, "policies").Set(float64(st.Policies))
-	metricSnapshotSize.WithLabelValues(c.source, "rules").Set(float64(st.Rules))
-	metricReady.WithLabelValues(c.source).Set(1)
-	c.log.Info("snapshot published", "generation", snap.Generation(),
-		"namespaces", st.Namespaces, "pods", st.Pods, "localPods", st.LocalPods,
-		"policies", st.Policies, "rules", st.Rules)
+	metricLastPublish.WithLabelValues(p.source).Set(float64(now.UnixNano()) / 1e9)
+	metricSnapshotSize.WithLabelValues(p.source, "namespaces").Set(float64(st.Namespaces))
+	metricSnapshotSize.WithLabelValues(p.source, "pods").Set(float64(st.Pods))
+	metricSnapshotSize.WithLabelValues(p.source, "local_pods").Set(float64(st.LocalPods))
+	metricSnapshotSize.WithLabelValues(p.source, "policies").Set(float64(st.Policies))
+	metricSnapshotSize.WithLabelValues(p.source, "rules").Set(float64(st.Rules))
+	metricSnapshotSize.WithLabelValues(p.source, "invalid_policies").Set(float64(st.Invalid))
+	metricReady.WithLabelValues(p.source).Set(1)
+	// Debug: the dataplane logs the snapshot it puts in force ("policy snapshot in use").
+	p.log.Debug("snapshot published", "generation", snap.Generation(),
+		"namespaces", st.Namespaces, "pods", st.Pods, "local_pods", st.LocalPods,
+		"policies", st.Policies, "rules", st.Rules, "invalid_policies", st.Invalid)
 }
