@@ -48,6 +48,9 @@ const (
 	maxPersistSize = 1 << 30 // a file larger than this is not ours
 	// DefaultPersistEvery is the least time between two writes of the state file.
 	DefaultPersistEvery = 10 * time.Second
+	// DefaultStateStore is where the agent keeps the file on a node (a hostPath in the
+	// DaemonSet).
+	DefaultStateStore = "/var/lib/sluice/state"
 )
 
 // Persist configures the API source's last-known-good state store.

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -56,6 +57,7 @@ type agentOptions struct {
 	resync                  time.Duration
 	lockFile                string
 	setBridgeNF             bool
+	stateStore              string
 }
 
 func newAgentCmd() *cobra.Command {
@@ -109,6 +111,7 @@ crashed agent left and exits.`,
 	f.Uint32Var(&o.mark, "mark-bit", rules.DefaultMark, "packet mark bit sluice sets on accepted packets so the rest of the chain applies to them; must be unused by other components")
 	f.DurationVar(&o.resync, "resync-interval", 10*time.Second, "how often the agent checks its kernel rules and repairs them")
 	f.StringVar(&o.lockFile, "lock-file", rules.DefaultLockFile, "lock file that serialises the rule changes of the agents of one node (on a path they share)")
+	f.StringVar(&o.stateStore, "state-store", watch.DefaultStateStore, "cluster mode: node-local file holding the last policy state the agent knew; a starting agent enforces it until the API server's first complete list (empty: none)")
 	f.BoolVar(&o.setBridgeNF, "set-bridge-nf-call", false, "when pod interfaces are bridged, turn net.bridge.bridge-nf-call-iptables/ip6tables on instead of refusing readiness")
 	return cmd
 }
@@ -164,6 +167,9 @@ type agent struct {
 	undo      cleanups
 	podIfaces []string
 	integrity *integrity
+	// persisted is the last known snapshot read from --state-store, enforced until the API
+	// source publishes its first.
+	persisted *policy.Snapshot
 
 	// staleOffload: a flush of the offload sets failed, so verdicts of an older snapshot may be
 	// in the kernel; the integrity loop retries.
@@ -219,7 +225,29 @@ func (o *agentOptions) newAgent(log *slog.Logger) (*agent, error) {
 		if err != nil {
 			return nil, err
 		}
-		a.source = watch.NewAPISource(cfg, policy.Options{Node: a.node}, log, 0)
+		opt := policy.Options{Node: a.node}
+		if o.stateStore != "" {
+			if err := os.MkdirAll(filepath.Dir(o.stateStore), 0o700); err != nil {
+				log.Warn("cannot create the state store's directory; the last known policy will not be kept", "file", o.stateStore, "err", err)
+			}
+			snap, info, err := watch.LoadPersisted(o.stateStore, opt)
+			switch {
+			case err == nil:
+				a.persisted = snap
+				// The API source's snapshots come after it.
+				opt.Generation = info.Generation
+				log.Info("enforcing the last known policy until the API server's first complete list",
+					"file", o.stateStore, "written_at", info.WrittenAt, "written_by", info.SluiceVersion,
+					"generation", info.Generation, "pods", info.Pods, "policies", info.Policies)
+			case errors.Is(err, watch.ErrNoPersisted):
+				log.Info("no last known policy on this node yet; waiting for the API server's first complete list", "file", o.stateStore)
+			default:
+				log.Error("the last known policy cannot be used; waiting for the API server's first complete list", "err", err)
+			}
+		}
+		src := watch.NewAPISource(cfg, opt, log, 0)
+		src.Persist = watch.Persist{Path: o.stateStore, Version: version}
+		a.source = src
 	}
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if err := watch.RegisterMetrics(a.reg); err != nil {
@@ -241,6 +269,11 @@ func (a *agent) run(ctx context.Context) (err error) {
 	first := make(chan struct{})
 	var firstOnce sync.Once
 	srcErr := make(chan error, 1)
+	if a.persisted != nil {
+		// Enforced at once, rules and all, however long the API server takes to answer.
+		a.publish(a.persisted)
+		firstOnce.Do(func() { close(first) })
+	}
 	go func() {
 		srcErr <- a.source.Run(ctx, func(s *policy.Snapshot) {
 			a.publish(s)

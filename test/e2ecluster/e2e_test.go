@@ -74,32 +74,46 @@ func repoRoot(t *testing.T) string {
 	return filepath.Dir(strings.TrimSpace(string(out)))
 }
 
-func TestAgentClusterModeEnforcesSeedThreeTier(t *testing.T) {
+// cluster is a real API server with the seed's three-tier pods, and the lab they live in.
+type cluster struct {
+	t    *testing.T
+	root string
+	bin  string
+	env  *kubetest.Env
+	lab  *netlab.Lab
+	pods map[string]*pod
+	ctx  context.Context
+}
+
+func newCluster(t *testing.T) *cluster {
 	if os.Geteuid() != 0 {
 		t.Fatal("this test builds network namespaces and kernel rules: run it as root (make test does)")
 	}
-	root := repoRoot(t)
-	bin := filepath.Join(t.TempDir(), "sluice")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/sluice")
-	build.Dir = root
+	c := &cluster{t: t, root: repoRoot(t)}
+	c.bin = filepath.Join(t.TempDir(), "sluice")
+	build := exec.Command("go", "build", "-o", c.bin, "./cmd/sluice")
+	build.Dir = c.root
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build ./cmd/sluice: %v\n%s", err, out)
 	}
-
-	env := kubetest.Start(t)
-	c := env.Client
+	c.env = kubetest.Start(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
+	t.Cleanup(cancel)
+	c.ctx = ctx
 
-	lab := netlab.NewT(t)
-	pods := map[string]*pod{
+	c.lab = netlab.NewT(t)
+	c.pods = map[string]*pod{
 		"frontend": {name: "frontend", labels: map[string]string{"app": "frontend", "tier": "frontend"}, ip: netip.MustParseAddr("10.244.1.10"), port: 80},
 		"backend":  {name: "backend", labels: map[string]string{"app": "backend", "tier": "backend"}, ip: netip.MustParseAddr("10.244.1.11"), port: 8080},
 		"database": {name: "database", labels: map[string]string{"app": "postgres", "tier": "database"}, ip: netip.MustParseAddr("10.244.1.12"), port: 5432},
 		"internet": {name: "internet", ip: netip.MustParseAddr("203.0.113.50")}, // outside the cluster
 	}
-	for _, p := range pods {
-		h, err := lab.AddHost(p.name, p.ip)
+	for _, p := range c.pods {
+		add := c.lab.AddHost
+		if p.labels == nil {
+			add = c.lab.AddOutside
+		}
+		h, err := add(p.name, p.ip)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -110,15 +124,15 @@ func TestAgentClusterModeEnforcesSeedThreeTier(t *testing.T) {
 			}
 		}
 	}
-
-	if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "production", Labels: map[string]string{"env": "production"}}}, metav1.CreateOptions{}); err != nil {
+	client := c.env.Client
+	if _, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "production", Labels: map[string]string{"env": "production"}}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range pods {
+	for _, p := range c.pods {
 		if p.labels == nil {
 			continue
 		}
-		created, err := c.CoreV1().Pods("production").Create(ctx, &corev1.Pod{
+		created, err := client.CoreV1().Pods("production").Create(ctx, &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: "production", Labels: p.labels},
 			Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "app", Image: "registry.example/app:1",
 				Ports: []corev1.ContainerPort{{Name: "service", ContainerPort: int32(p.port)}}}}},
@@ -127,67 +141,77 @@ func TestAgentClusterModeEnforcesSeedThreeTier(t *testing.T) {
 			t.Fatal(err)
 		}
 		created.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: p.ip.String(), PodIPs: []corev1.PodIP{{IP: p.ip.String()}}}
-		if _, err := c.CoreV1().Pods("production").UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+		if _, err := client.CoreV1().Pods("production").UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-
 	// The agent runs in the lab's node namespace, whose 127.0.0.1 is its own; a forwarder
 	// listening there on the API server's port carries the (TLS) bytes to the real one, so the
 	// kubeconfig and its certificates work unchanged.
-	forwardAPIServer(t, lab, env)
+	forwardAPIServer(t, c.lab, c.env)
+	return c
+}
 
-	agent := startAgent(t, lab, bin, env.Kubeconfig)
-	agent.waitReady(t, lab, 60*time.Second)
-
-	probe := func(f flow) bool {
-		from, to := pods[f.from], pods[f.to]
-		ok, err := lab.Probe(from.host, to.ip, netlab.TCP, to.port, 700*time.Millisecond)
-		if err != nil {
-			t.Fatalf("probe %s -> %s:%d: %v", f.from, f.to, to.port, err)
-		}
-		return ok
+func (c *cluster) probe(f flow) bool {
+	from, to := c.pods[f.from], c.pods[f.to]
+	ok, err := c.lab.Probe(from.host, to.ip, netlab.TCP, to.port, 700*time.Millisecond)
+	if err != nil {
+		c.t.Fatalf("probe %s -> %s:%d: %v", f.from, f.to, to.port, err)
 	}
-	// waitAll probes every flow until each gives want(f), within a bounded time, and returns
-	// how long it took.
-	waitAll := func(what string, want func(flow) bool) time.Duration {
-		t.Helper()
-		start := time.Now()
-		deadline := start.Add(45 * time.Second)
-		for {
-			var wrong []string
-			for _, f := range flows {
-				if got := probe(f); got != want(f) {
-					wrong = append(wrong, fmt.Sprintf("%s->%s:%d got allowed=%v", f.from, f.to, pods[f.to].port, got))
-				}
+	return ok
+}
+
+// waitAll probes every flow until each gives want(f), within a bounded time, and returns how
+// long it took.
+func (c *cluster) waitAll(agent *agentProc, what string, want func(flow) bool) time.Duration {
+	c.t.Helper()
+	start := time.Now()
+	deadline := start.Add(45 * time.Second)
+	for {
+		var wrong []string
+		for _, f := range flows {
+			if got := c.probe(f); got != want(f) {
+				wrong = append(wrong, fmt.Sprintf("%s->%s:%d got allowed=%v", f.from, f.to, c.pods[f.to].port, got))
 			}
-			if len(wrong) == 0 {
-				d := time.Since(start)
-				t.Logf("%s: all %d flows as expected after %v", what, len(flows), d.Round(time.Millisecond))
-				return d
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: after 45 s still wrong: %s\nagent log:\n%s", what, strings.Join(wrong, "; "), agent.tail())
-			}
-			time.Sleep(200 * time.Millisecond)
 		}
+		if len(wrong) == 0 {
+			d := time.Since(start)
+			c.t.Logf("%s: all %d flows as expected after %v", what, len(flows), d.Round(time.Millisecond))
+			return d
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("%s: after 45 s still wrong: %s\nagent log:\n%s", what, strings.Join(wrong, "; "), agent.tail())
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
+}
 
-	waitAll("no policies: every connection allowed", func(flow) bool { return true })
-
-	policies := seedThreeTier(t, filepath.Join(root, "deploy", "examples", "three-tier.yaml"))
-	applied := time.Now()
+func (c *cluster) createPolicies() []networkingv1.NetworkPolicy {
+	c.t.Helper()
+	policies := seedThreeTier(c.t, filepath.Join(c.root, "deploy", "examples", "three-tier.yaml"))
 	for i := range policies {
-		if _, err := c.NetworkingV1().NetworkPolicies("production").Create(ctx, &policies[i], metav1.CreateOptions{}); err != nil {
-			t.Fatalf("creating %s: %v", policies[i].Name, err)
+		if _, err := c.env.Client.NetworkingV1().NetworkPolicies("production").Create(c.ctx, &policies[i], metav1.CreateOptions{}); err != nil {
+			c.t.Fatalf("creating %s: %v", policies[i].Name, err)
 		}
 	}
-	t.Logf("applied %d seed policies through client-go", len(policies))
+	c.t.Logf("applied %d seed policies through client-go", len(policies))
+	return policies
+}
+
+func TestAgentClusterModeEnforcesSeedThreeTier(t *testing.T) {
+	c := newCluster(t)
+	agent := startAgent(t, c.lab, c.bin, c.env.Kubeconfig)
+	agent.waitReady(t, c.lab, 60*time.Second)
+
+	c.waitAll(agent, "no policies: every connection allowed", func(flow) bool { return true })
+
+	applied := time.Now()
+	policies := c.createPolicies()
 	// Real-packet propagation: from the first create call until a new frontend -> database
 	// connection is dropped (probes with a short timeout, so the figure is within ~250 ms).
-	fe, db := pods["frontend"], pods["database"]
+	fe, db := c.pods["frontend"], c.pods["database"]
 	for {
-		ok, err := lab.Probe(fe.host, db.ip, netlab.TCP, db.port, 250*time.Millisecond)
+		ok, err := c.lab.Probe(fe.host, db.ip, netlab.TCP, db.port, 250*time.Millisecond)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -200,19 +224,68 @@ func TestAgentClusterModeEnforcesSeedThreeTier(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	waitAll("three-tier policies applied", func(f flow) bool { return f.withPolicies })
+	c.waitAll(agent, "three-tier policies applied", func(f flow) bool { return f.withPolicies })
 	if !strings.Contains(agent.tail(), "production/database") {
 		t.Errorf("the agent logged no drop naming production/database; log:\n%s", agent.tail())
 	}
 
 	for _, p := range policies {
-		if err := c.NetworkingV1().NetworkPolicies("production").Delete(ctx, p.Name, metav1.DeleteOptions{}); err != nil {
+		if err := c.env.Client.NetworkingV1().NetworkPolicies("production").Delete(c.ctx, p.Name, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	waitAll("policies deleted: every connection allowed again", func(flow) bool { return true })
+	c.waitAll(agent, "policies deleted: every connection allowed again", func(flow) bool { return true })
 
 	agent.stop(t)
+}
+
+// A fail-closed agent is replaced (an upgrade) while the API server is down, as when a node
+// reboots during an outage: the rules stay in place through the gap, and the new agent enforces
+// the last policy it knew at once, from the node's state store, without the API server. When the
+// API server returns, the agent follows it again.
+func TestRestartWithAPIServerDownEnforcesLastKnownPolicy(t *testing.T) {
+	c := newCluster(t)
+	store := filepath.Join(t.TempDir(), "var-lib-sluice", "state")
+	first := startAgent(t, c.lab, c.bin, c.env.Kubeconfig, "--fail-open=false", "--state-store", store)
+	first.waitReady(t, c.lab, 60*time.Second)
+	c.createPolicies()
+	c.waitAll(first, "first agent: three-tier policies in force", func(f flow) bool { return f.withPolicies })
+	first.stop(t) // SIGTERM: the state is written once more on the way out
+	if _, err := os.Stat(store); err != nil {
+		t.Fatalf("no state store after the first agent: %v\n%s", err, first.tail())
+	}
+	// Fail-closed, no agent: the rules stayed, so nothing passes, allowed or not.
+	if f := flows[0]; c.probe(f) {
+		t.Errorf("with no agent and --fail-open=false, %s -> %s got through: the rules did not stay", f.from, f.to)
+	}
+
+	c.env.StopAPIServer()
+	second := startAgent(t, c.lab, c.bin, c.env.Kubeconfig, "--fail-open=false", "--state-store", store)
+	second.waitReady(t, c.lab, 30*time.Second)
+	c.waitAll(second, "second agent, API server down: the last known policy in force", func(f flow) bool { return f.withPolicies })
+	if !strings.Contains(second.tail(), "enforcing the last known policy") {
+		t.Errorf("the second agent does not say it enforces the last known policy:\n%s", second.tail())
+	}
+
+	c.env.StartAPIServer()
+	for _, np := range []string{"frontend-policy", "backend-policy", "database-policy"} {
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			err := c.env.Client.NetworkingV1().NetworkPolicies("production").Delete(c.ctx, np, metav1.DeleteOptions{})
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("deleting %s after the API server came back: %v", np, err)
+			}
+			time.Sleep(300 * time.Millisecond)
+		}
+	}
+	c.waitAll(second, "API server back, policies deleted: the agent follows it again", func(flow) bool { return true })
+	second.stop(t)
+	if out, err := c.lab.NodeExec(c.bin, "agent", "--cleanup", "--lock-file", filepath.Join(t.TempDir(), "lock")); err != nil {
+		t.Errorf("cleanup: %v %s", err, out)
+	}
 }
 
 // seedThreeTier reads the seed's three-tier NetworkPolicies (deploy/examples).
@@ -296,9 +369,11 @@ type agentProc struct {
 
 func (a *agentProc) tail() string { return a.Tail(6000) }
 
-func startAgent(t *testing.T, lab *netlab.Lab, bin, kubeconfig string) *agentProc {
-	p, err := agentproc.Start(lab.NodeCommand(bin, "agent", "--kubeconfig", kubeconfig, "--node", node,
-		"--queue-num", "180", "--metrics-addr", agentproc.DefaultMetricsAddr, "--log-format", "text"))
+func startAgent(t *testing.T, lab *netlab.Lab, bin, kubeconfig string, extra ...string) *agentProc {
+	args := []string{"agent", "--kubeconfig", kubeconfig, "--node", node,
+		"--queue-num", "180", "--metrics-addr", agentproc.DefaultMetricsAddr, "--log-format", "text",
+		"--pod-interfaces", lab.PodInterfaces(), "--state-store", filepath.Join(t.TempDir(), "state")}
+	p, err := agentproc.Start(lab.NodeCommand(bin, append(args, extra...)...))
 	if err != nil {
 		t.Fatal(err)
 	}
