@@ -40,17 +40,13 @@ func judge(s *policy.Snapshot, p *Packet, c *FlowCache, track *returnTable, r ju
 	gen := s.Generation()
 	opens := p.Opening()
 	if !(opens && (p.Flow.Proto == policy.TCP || p.Flow.Proto == policy.SCTP) && p.Kind == KindPorts) {
-		if e, _ := track.lookup(p, now); e != nil {
-			if e.gen == gen || !r.cut {
-				return outcome{Accept: true, Reason: ReasonTracked}
+		if e, _ := track.lookup(p, now); e != nil && still(s, e, c, r.cut) {
+			if p.Flow.Proto == policy.TCP {
+				track.ended(e, p.TCPFlags)
 			}
-			// A new snapshot and cutting is on: the connection lives only if the flow that
-			// opened it is still allowed.
-			if v, _ := c.Decide(s, e.opening()); v.Allowed {
-				e.gen = gen
-				return outcome{Accept: true, Reason: ReasonTracked}
-			}
-			track.remove(e)
+			return outcome{Accept: true, Reason: ReasonTracked}
+		} else if e != nil {
+			track.remove(e) // cut: judged afresh below, as if it had never been
 		}
 	}
 	if !opens {
@@ -66,4 +62,19 @@ func judge(s *policy.Snapshot, p *Packet, c *FlowCache, track *returnTable, r ju
 		return outcome{Accept: true, Reason: policyReason(v.Reason), Judged: true, Cache: use}
 	}
 	return outcome{Reason: policyReason(v.Reason), Judged: true, Cache: use}
+}
+
+// still reports whether a tracked connection stands under snapshot s: always, unless cutting is
+// on and s is newer than the snapshot that last judged it, in which case the flow that opened
+// it is judged again.
+func still(s *policy.Snapshot, e *conn, c *FlowCache, cut bool) bool {
+	gen := s.Generation()
+	if e.gen == gen || !cut {
+		return true
+	}
+	if v, _ := c.Decide(s, e.opening()); !v.Allowed {
+		return false
+	}
+	e.gen = gen
+	return true
 }

@@ -396,3 +396,30 @@ func TestReasonMapsEveryPolicyReason(t *testing.T) {
 		}
 	}
 }
+
+// A connection ends in the table as it ends on the wire: gone after a RST (which itself still
+// passes), after a FIN within trackIdleClosing.
+func TestJudgeConnectionEnds(t *testing.T) {
+	s := compileTest(t, 1, "")
+	c, tr := NewFlowCache(64), newReturnTable(64)
+	now := time.Now().UnixNano()
+	accept := func(p *Packet, at int64) bool { return judge(s, p, c, tr, judgeRules{}, at).Accept }
+	if !accept(pkt(fe, be, policy.TCP, 40000, 8080, tcpSYN), now) {
+		t.Fatal("SYN denied")
+	}
+	if !accept(pkt(be, fe, policy.TCP, 8080, 40000, tcpRST|tcpACK), now) {
+		t.Fatal("the RST of an accepted connection was dropped")
+	}
+	if accept(pkt(fe, be, policy.TCP, 40000, 8080, tcpACK), now) {
+		t.Error("an ACK after the RST still passed: the connection outlived its reset")
+	}
+	if !accept(pkt(fe, be, policy.TCP, 40001, 8080, tcpSYN), now) || !accept(pkt(fe, be, policy.TCP, 40001, 8080, tcpFIN|tcpACK), now) {
+		t.Fatal("second connection or its FIN dropped")
+	}
+	if !accept(pkt(be, fe, policy.TCP, 8080, 40001, tcpACK), now+int64(trackIdleClosing)/2) {
+		t.Error("the last ACKs after a FIN were dropped")
+	}
+	if accept(pkt(be, fe, policy.TCP, 8080, 40001, tcpACK), now+int64(2*trackIdleClosing)) {
+		t.Error("a closing connection outlived trackIdleClosing")
+	}
+}

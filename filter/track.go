@@ -16,6 +16,9 @@ const (
 	trackIdleTCP   = time.Hour
 	trackIdleSCTP  = time.Hour
 	trackIdleOther = 2 * time.Minute // UDP, ICMP and the rest, as conntrack's UDP stream
+	// trackIdleClosing applies once a FIN was seen: the connection is ending, and a busy client
+	// closing thousands of them must not keep them against its quota for an hour.
+	trackIdleClosing = 10 * time.Second
 )
 
 // bucketSize is how many connections share a hash bucket. A connection lives only in its own
@@ -44,8 +47,9 @@ type conn struct {
 	gen   uint64 // snapshot generation that last judged it
 	owner uint16 // the opener's quota slot
 	// origAB: the opening went from a to b. replied: a packet of the other direction was seen,
-	// so the connection works both ways; such entries are evicted last.
-	origAB, replied, used bool
+	// so the connection works both ways; such entries are evicted last. closing: a FIN was
+	// seen.
+	origAB, replied, closing, used bool
 }
 
 // returnTable is sluice's own connection table: every connection accepted as an opening, keyed
@@ -87,6 +91,16 @@ func newReturnTable(size int) *returnTable {
 	// connections, and sixteen floods at once still leave room for everyone else.
 	t.quota = int32(max(n*bucketSize/16, 64))
 	return t
+}
+
+// expired reports whether the entry has been idle past its timeout at now.
+func (e *conn) expired(now int64) bool { return now-e.last > e.idle() }
+
+func (e *conn) idle() int64 {
+	if e.closing {
+		return int64(trackIdleClosing)
+	}
+	return idleFor(e.key.proto)
 }
 
 func idleFor(p policy.Protocol) int64 {
@@ -142,7 +156,7 @@ func (t *returnTable) lookup(p *Packet, now int64) (c *conn, reply bool) {
 		if !e.used || e.key != k {
 			continue
 		}
-		if now-e.last > idleFor(k.proto) {
+		if e.expired(now) {
 			t.remove(e)
 			return nil, false
 		}
@@ -176,6 +190,10 @@ func (t *returnTable) record(p *Packet, gen uint64, now int64) bool {
 				victim = e
 			}
 		}
+		if victim != nil && !victim.expired(now) {
+			// Its own entry goes, so the opener stays at its quota.
+			t.stats.evicted++
+		}
 		if victim == nil {
 			t.stats.overQuota++
 			return false
@@ -183,7 +201,7 @@ func (t *returnTable) record(p *Packet, gen uint64, now int64) bool {
 	} else {
 		for i := range b {
 			e := &b[i]
-			if !e.used || now-e.last > idleFor(e.key.proto) {
+			if !e.used || e.expired(now) {
 				victim = e
 				break
 			}
@@ -193,7 +211,7 @@ func (t *returnTable) record(p *Packet, gen uint64, now int64) bool {
 		}
 	}
 	if victim.used {
-		if now-victim.last <= idleFor(victim.key.proto) {
+		if !victim.expired(now) && victim.owner != owner {
 			t.stats.evicted++
 		}
 		t.owners[victim.owner]--
@@ -201,6 +219,18 @@ func (t *returnTable) record(p *Packet, gen uint64, now int64) bool {
 	*victim = conn{key: k, last: now, gen: gen, owner: owner, origAB: ab, used: true}
 	t.owners[owner]++
 	return true
+}
+
+// ended tells the table what a TCP packet of a tracked connection says about its end: after a
+// RST the connection is gone (the entry too, once the RST has passed), after a FIN it has
+// trackIdleClosing left.
+func (t *returnTable) ended(e *conn, tcpFlags uint8) {
+	switch {
+	case tcpFlags&tcpRST != 0:
+		t.remove(e)
+	case tcpFlags&tcpFIN != 0:
+		e.closing = true
+	}
 }
 
 // victimRank orders live entries for eviction: never-replied ones before replied ones, older
