@@ -5,13 +5,16 @@ GO ?= go
 BIN := bin/sluice
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: build test lint demo bench bench-quick image deps kube-assets clean
+.PHONY: build test lint demo bench bench-quick image deps node-deps kube-assets clean
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/sluice
 
 deps:
 	bash hack/deps.sh
+
+node-deps:
+	bash hack/node-deps.sh
 
 kube-assets:
 	bash hack/kube-assets.sh
@@ -20,7 +23,7 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-test: deps kube-assets lint
+test: deps node-deps kube-assets lint
 	KUBEBUILDER_ASSETS=$$(bash hack/kube-assets.sh --print-dir) $(GO) test -count=1 -timeout 60m ./...
 	$(GO) test ./filter -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime 15s
 
