@@ -5,7 +5,7 @@ GO ?= go
 BIN := bin/sluice
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: build test lint demo bench bench-quick image deps node-deps kube-assets clean
+.PHONY: build test lint demo bench bench-quick image deps node-deps kube-assets e2e-k8s e2e-k8s-smoke clean
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/sluice
@@ -38,6 +38,17 @@ bench-quick: build deps
 
 image:
 	docker build -t sluice:dev .
+
+# A real one-node cluster in a network namespace of this machine, sluice installed from deploy/,
+# and the upstream NetworkPolicy e2e suite, without and with sluice; rewrites
+# test/e2ek8s/RESULTS.md. Its last line is the run with sluice's "N passed, M failed".
+e2e-k8s:
+	bash hack/e2e-k8s.sh suite test/e2ek8s/RESULTS.md
+
+# The same node, with one allowed and one dropped connection instead of the suite (make test
+# runs it as test/e2ek8s's TestNodeSmoke).
+e2e-k8s-smoke:
+	bash hack/e2e-k8s.sh smoke
 
 clean:
 	rm -rf bin

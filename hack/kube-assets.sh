@@ -132,7 +132,7 @@ build() {
       kubemod
       pkg=k8s.io/kubernetes/cmd/$name
       (cd "$work/kube" && go build -trimpath -ldflags=-s -o "$work/out/$name" "$pkg")
-      "$work/out/$name" --version >/dev/null
+      if [ "$name" = kubectl ]; then "$work/out/$name" version --client >/dev/null; else "$work/out/$name" --version >/dev/null; fi
       ;;
   esac
   mv "$work/out/$name" "$dir/$name"
