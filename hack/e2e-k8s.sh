@@ -164,12 +164,15 @@ suite() {
   run_suite control
   install_sluice
   run_suite sluice
+  local logs=/tmp/sluice-e2e-k8s-logs
+  mkdir -p "$logs" && cp "$work"/*.log "$work"/*.junit.xml "$work"/*.failed "$logs/" 2>/dev/null || true
+  log "suite logs in $logs"
   if [ -n "$results" ]; then
     {
       echo "# Upstream NetworkPolicy e2e suite against sluice"
       echo
       echo "Written by \`bash hack/e2e-k8s.sh suite $results\` (\`make e2e-k8s\`) on $(date -u +%Y-%m-%d), sluice $version,"
-      echo "Kubernetes $KUBE_VERSION components built here, $(nproc) vCPU. One node in one network namespace:"
+      echo "Kubernetes $K8S_VERSION components built here, $(nproc) vCPU. One node in one network namespace:"
       echo "etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd $(containerd --version | awk '{print $3}') + runc (Debian),"
       echo "ptp CNI, kubelet, kube-proxy (iptables mode); sluice from \`deploy/\` as a DaemonSet."
       echo
@@ -196,7 +199,6 @@ suite() {
     } >"$results"
     log "results in $results"
   fi
-  mkdir -p /tmp/sluice-e2e-k8s-logs && cp "$work"/*.log "$work"/*.junit.xml /tmp/sluice-e2e-k8s-logs/ 2>/dev/null || true
   echo "$(cat "$work/sluice.sum")"
   [ "$(cut -d' ' -f3 "$work/sluice.sum")" = 0 ]
 }

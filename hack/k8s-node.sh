@@ -16,6 +16,7 @@
 #     and on exit
 set -euo pipefail
 
+K8S_VERSION=v1.37.2 # hack/kube-assets.sh builds this one
 K8S_NS=sluice-k8s
 K8S_ROOT=/var/lib/sluice-k8s
 K8S_RUN=/run/sluice-k8s
