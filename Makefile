@@ -14,7 +14,7 @@ deps:
 	bash hack/deps.sh
 
 node-deps:
-	bash hack/node-deps.sh
+	bash hack/node-deps.sh node
 
 kube-assets:
 	bash hack/kube-assets.sh
@@ -23,7 +23,10 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
+# The node's binaries are built before the tests (test/e2ek8s's smoke needs them), so their
+# cold build does not count against a test's time-out.
 test: deps node-deps kube-assets lint
+	bash hack/kube-assets.sh kubelet kube-controller-manager kube-scheduler kubectl agnhost
 	KUBEBUILDER_ASSETS=$$(bash hack/kube-assets.sh --print-dir) $(GO) test -count=1 -timeout 60m ./...
 	$(GO) test ./filter -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime 15s
 
