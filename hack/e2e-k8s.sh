@@ -156,6 +156,9 @@ run_suite() {
   [ -n "$passed" ] || { tail -n 50 "$work/$label.log" >&2; die "suite ($label) printed no summary (exit $rc)"; }
   echo "$passed passed, $failed failed" >"$work/$label.sum"
   grep -o '\[FAIL\] .*' "$work/$label.log" | sed 's/ \[It\]//' | sort -u >"$work/$label.failed" || true
+  # The specs that passed, from the JUnit report (Ginkgo prints only a dot for them).
+  grep -o '<testcase name="\[It\] [^"]*"[^>]*status="passed"' "$work/$label.junit.xml" |
+    sed 's/<testcase name="\[It\] \([^"]*\)".*/\1/' | sort -u >"$work/$label.passed" || true
   log "suite ($label): $(cat "$work/$label.sum") in ${took[suite-$label]} s"
 }
 
@@ -189,9 +192,18 @@ suite() {
       echo
       echo "Specs run: $(sed -n 's/^Ran \([0-9]* of [0-9]*\) Specs.*/\1/p' "$work/sluice.log" | tail -1)"
       echo
+      echo "Cold builds, as recorded in the cache when it was filled (\`$assets/build-times.txt\`;"
+      echo "builds on a shared machine unless the line says otherwise):"
+      echo
+      if [ -f "$assets/build-times.txt" ]; then sed 's/^/- /' "$assets/build-times.txt"; else echo "- not recorded"; fi
+      echo
       echo "## Control run's failures (the suite fails without an enforcer)"
       echo
       sed 's/^/- /' "$work/control.failed"
+      echo
+      echo "The control's passes (no enforcement needed: API specs, or every flow allowed):"
+      echo
+      sed 's/^/- /' "$work/control.passed"
       echo
       echo "## Failures with sluice"
       echo

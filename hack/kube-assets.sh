@@ -136,7 +136,10 @@ build() {
       ;;
   esac
   mv "$work/out/$name" "$dir/$name"
-  echo "built $name in $(( $(date +%s) - t0 )) s"
+  local secs=$(( $(date +%s) - t0 ))
+  echo "built $name in $secs s"
+  # Kept beside the binaries, so a report made later from the cache can say what it cost.
+  echo "$name $secs s on $(date -u +%Y-%m-%d), $(nproc) vCPU, load average $(cut -d' ' -f1 /proc/loadavg) at the end" >>"$dir/build-times.txt"
 }
 
 start=$(date +%s)
