@@ -8,8 +8,8 @@
 # it is given (see node_up). What cannot be kept inside the namespace, and is undone by node_teardown (also on
 # failure and Ctrl-C, through the cleanup stack, and by node_sweep for a killed run):
 #   - mounts (containerd's overlays and shm, the kubelet's volumes) under $K8S_ROOT and $K8S_RUN
-#   - /run/containerd (containerd's shim sockets), /var/lib/kubelet and /var/log/containers,
-#     when this run made them
+#   - /run/containerd (containerd's shim sockets), /var/lib/kubelet, /var/log/containers and
+#     /run/sluice (the DaemonSet's hostPath), when this run made them
 #   - cgroups under /sys/fs/cgroup/*/sluice-k8s (the kubelet's cgroupRoot)
 #   - kernel settings the kubelet writes machine-wide (kernel.panic_on_oops, kernel.panic,
 #     vm.overcommit_memory, vm.panic_on_oom, kernel.keys.*): saved before, restored after it starts
@@ -127,7 +127,7 @@ node_teardown() {
   restore_sysctls
   if [ -f "$K8S_RUN/made" ]; then
     while IFS= read -r d; do
-      case "$d" in /run/containerd|/var/lib/kubelet|/var/log/containers) rm -rf "$d" ;; esac
+      case "$d" in /run/containerd|/var/lib/kubelet|/var/log/containers|/run/sluice) rm -rf "$d" ;; esac
     done <"$K8S_RUN/made"
   fi
   ip netns del "$K8S_NS" 2>/dev/null || true
@@ -301,7 +301,8 @@ EOF
   # pod-resources sockets, the container log links) use whatever their configuration says:
   # removed on exit when this run made them.
   local d
-  for d in /run/containerd /var/lib/kubelet /var/log/containers; do [ -e "$d" ] || echo "$d" >>"$K8S_RUN/made"; done
+  # /run/sluice is the DaemonSet's hostPath for the agent's rules lock.
+  for d in /run/containerd /var/lib/kubelet /var/log/containers /run/sluice; do [ -e "$d" ] || echo "$d" >>"$K8S_RUN/made"; done
   start containerd containerd --config "$K8S_ROOT/containerd.toml"
   local ctr=(ctr --address "$K8S_RUN/containerd/containerd.sock" -n k8s.io)
   wait_for "containerd socket" 60 containerd "${ctr[@]}" version

@@ -1,13 +1,13 @@
 package kubenode
 
 import (
-	"context"
 	"io"
 	"net"
 	"net/http"
 	"sync"
 	"time"
 
+	"github.com/sluice-dev/sluice/internal/agentproc"
 	"github.com/sluice-dev/sluice/internal/netlab"
 )
 
@@ -91,26 +91,11 @@ func (f *Forwarder) Close() error {
 	return err
 }
 
-// HTTPClient returns a client whose connections are opened inside the namespace of h (for a
-// component's /healthz or /readyz on the namespace's own loopback).
-func HTTPClient(h *netlab.Host, timeout time.Duration) *http.Client {
-	return &http.Client{Timeout: timeout, Transport: &http.Transport{
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			var conn net.Conn
-			err := h.Do(func() error {
-				var err error
-				conn, err = (&net.Dialer{Timeout: timeout}).DialContext(ctx, network, addr)
-				return err
-			})
-			return conn, err
-		},
-	}}
-}
-
 // GetOK reports whether GET url from inside the namespace of h answers 200.
 func GetOK(h *netlab.Host, url string) bool {
-	resp, err := HTTPClient(h, time.Second).Get(url)
+	c := agentproc.HTTPClient(h.Do, time.Second)
+	defer c.CloseIdleConnections()
+	resp, err := c.Get(url)
 	if err != nil {
 		return false
 	}

@@ -26,6 +26,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/sluice-dev/sluice/internal/agentproc"
 	"github.com/sluice-dev/sluice/internal/kubenode"
 	"github.com/sluice-dev/sluice/internal/netlab"
 	"github.com/sluice-dev/sluice/watch/kubetest"
@@ -36,7 +37,6 @@ const (
 	ns          = "shop"
 	clusterCIDR = "10.244.0.0/16"
 	agentQueue  = "190"
-	agentReadyz = "http://127.0.0.1:9963/readyz"
 )
 
 var nodeIP = netip.MustParseAddr("10.240.0.1")
@@ -249,7 +249,7 @@ type node struct {
 	dir   string
 	mode  string
 	proxy *kubenode.Proc
-	agent *kubenode.Proc
+	agent *agentproc.Proc
 }
 
 func (cl *cluster) newNode(t *testing.T, mode string) *node {
@@ -313,8 +313,8 @@ func (n *node) startProxy() {
 	t.Logf("kube-proxy (%s mode) serving the ClusterIPs after %v", n.mode, time.Since(start).Round(time.Millisecond))
 }
 
-// stopAtEnd stops p when the test ends (it must not have died meanwhile) and shows its log
-// when the test failed.
+// stopAtEnd stops a node component when the test ends (it must not have died meanwhile) and
+// shows its log when the test failed.
 func stopAtEnd(t *testing.T, p *kubenode.Proc) {
 	t.Cleanup(func() {
 		if !p.Alive() {
@@ -331,25 +331,27 @@ func stopAtEnd(t *testing.T, p *kubenode.Proc) {
 
 func (n *node) startAgent() {
 	t := n.t
-	p, err := kubenode.Start(n.lab.Node(), "sluice", filepath.Join(n.dir, "sluice.log"),
+	p, err := agentproc.Start(exec.Command("nsenter", "--net="+kubenode.NetnsPath(n.lab.Node()), "--",
 		n.cl.bin, "agent", "--kubeconfig", n.cl.env.Kubeconfig, "--node", nodeName,
-		"--queue-num", agentQueue, "--metrics-addr", "127.0.0.1:9963", "--log-format", "text")
+		"--queue-num", agentQueue, "--metrics-addr", agentproc.DefaultMetricsAddr, "--log-format", "text"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	n.agent = p
-	stopAtEnd(t, p)
-	start := time.Now()
-	for !kubenode.GetOK(n.lab.Node(), agentReadyz) {
-		if !p.Alive() {
-			t.Fatalf("the agent exited before it was ready:\n%s", p.Tail(4000))
+	t.Cleanup(func() {
+		if p.Exited() {
+			t.Errorf("the agent exited during the test (%v)", p.Err())
 		}
-		if time.Since(start) > 60*time.Second {
-			t.Fatalf("the agent was not ready within 60 s:\n%s", p.Tail(4000))
+		p.Stop(15 * time.Second)
+		if t.Failed() {
+			t.Logf("agent log:\n%s", p.Tail(4000))
 		}
-		time.Sleep(100 * time.Millisecond)
+	})
+	d, err := p.WaitReady(n.lab.Node().Do, agentproc.DefaultMetricsAddr, 60*time.Second)
+	if err != nil {
+		t.Fatalf("%v:\n%s", err, p.Tail(4000))
 	}
-	t.Logf("agent ready after %v", time.Since(start).Round(time.Millisecond))
+	t.Logf("agent ready after %v", d.Round(time.Millisecond))
 }
 
 // probe opens one TCP connection through the flow's ClusterIP; refused reports a fast
