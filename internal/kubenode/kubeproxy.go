@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/sluice-dev/sluice/internal/agentproc"
 	"github.com/sluice-dev/sluice/internal/netlab"
 )
 
@@ -18,7 +19,7 @@ type KubeProxy struct {
 	// ClusterCIDR is the pods' range: traffic to a ClusterIP from outside it is masqueraded
 	// (and so carries kube-proxy's masquerade mark through FORWARD).
 	ClusterCIDR string
-	Dir         string // holds the config file and the log
+	Dir         string // holds the config file
 }
 
 // HealthzAddr is where kube-proxy answers /healthz inside its namespace.
@@ -53,7 +54,7 @@ nftables:
 }
 
 // Start writes the config and starts kube-proxy in the namespace of h (the lab's node).
-func (k KubeProxy) Start(h *netlab.Host) (*Proc, error) {
+func (k KubeProxy) Start(h *netlab.Host) (*agentproc.Proc, error) {
 	if k.Mode != "iptables" && k.Mode != "nftables" {
 		return nil, fmt.Errorf("kubenode: kube-proxy mode %q: use iptables or nftables", k.Mode)
 	}
@@ -61,23 +62,22 @@ func (k KubeProxy) Start(h *netlab.Host) (*Proc, error) {
 	if err := os.WriteFile(cfg, []byte(k.Config()), 0o644); err != nil {
 		return nil, fmt.Errorf("kubenode: %w", err)
 	}
-	return Start(h, "kube-proxy", filepath.Join(k.Dir, "kube-proxy-"+k.Mode+".log"),
-		k.Binary, "--config", cfg, "--v=2")
+	return Start(h, k.Binary, "--config", cfg, "--v=2")
 }
 
 // WaitHealthy polls kube-proxy's /healthz in the namespace of h until it answers 200 (it does
 // once its first sync of the rules is done) or wait has passed.
-func WaitHealthy(h *netlab.Host, p *Proc, wait time.Duration) error {
+func WaitHealthy(h *netlab.Host, p *agentproc.Proc, wait time.Duration) error {
 	deadline := time.Now().Add(wait)
 	for {
-		if !p.Alive() {
-			return fmt.Errorf("kubenode: %s exited before it was healthy; log:\n%s", p.Name, p.Tail(4000))
+		if p.Exited() {
+			return fmt.Errorf("kubenode: kube-proxy exited (%v) before it was healthy; log:\n%s", p.Err(), p.Tail(4000))
 		}
 		if GetOK(h, "http://"+HealthzAddr+"/healthz") {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("kubenode: %s not healthy within %v; log:\n%s", p.Name, wait, p.Tail(4000))
+			return fmt.Errorf("kubenode: kube-proxy not healthy within %v; log:\n%s", wait, p.Tail(4000))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}

@@ -248,7 +248,7 @@ type node struct {
 	hosts map[string]*netlab.Host
 	dir   string
 	mode  string
-	proxy *kubenode.Proc
+	proxy *agentproc.Proc
 	agent *agentproc.Proc
 }
 
@@ -303,7 +303,7 @@ func (n *node) startProxy() {
 		t.Fatal(err)
 	}
 	n.proxy = p
-	stopAtEnd(t, p)
+	stopAtEnd(t, "kube-proxy", p)
 	start := time.Now()
 	if err := kubenode.WaitHealthy(n.lab.Node(), p, 60*time.Second); err != nil {
 		t.Fatal(err)
@@ -315,38 +315,27 @@ func (n *node) startProxy() {
 
 // stopAtEnd stops a node component when the test ends (it must not have died meanwhile) and
 // shows its log when the test failed.
-func stopAtEnd(t *testing.T, p *kubenode.Proc) {
+func stopAtEnd(t *testing.T, name string, p *agentproc.Proc) {
 	t.Cleanup(func() {
-		if !p.Alive() {
-			t.Errorf("%s exited during the test", p.Name)
+		if p.Exited() {
+			t.Errorf("%s exited during the test (%v)", name, p.Err())
 		}
-		if err := p.Stop(15 * time.Second); err != nil {
-			t.Errorf("%s: %v", p.Name, err)
-		}
+		p.Stop(15 * time.Second)
 		if t.Failed() {
-			t.Logf("%s log:\n%s", p.Name, p.Tail(4000))
+			t.Logf("%s log:\n%s", name, p.Tail(4000))
 		}
 	})
 }
 
 func (n *node) startAgent() {
 	t := n.t
-	p, err := agentproc.Start(exec.Command("nsenter", "--net="+kubenode.NetnsPath(n.lab.Node()), "--",
-		n.cl.bin, "agent", "--kubeconfig", n.cl.env.Kubeconfig, "--node", nodeName,
-		"--queue-num", agentQueue, "--metrics-addr", agentproc.DefaultMetricsAddr, "--log-format", "text"))
+	p, err := kubenode.Start(n.lab.Node(), n.cl.bin, "agent", "--kubeconfig", n.cl.env.Kubeconfig, "--node", nodeName,
+		"--queue-num", agentQueue, "--metrics-addr", agentproc.DefaultMetricsAddr, "--log-format", "text")
 	if err != nil {
 		t.Fatal(err)
 	}
 	n.agent = p
-	t.Cleanup(func() {
-		if p.Exited() {
-			t.Errorf("the agent exited during the test (%v)", p.Err())
-		}
-		p.Stop(15 * time.Second)
-		if t.Failed() {
-			t.Logf("agent log:\n%s", p.Tail(4000))
-		}
-	})
+	stopAtEnd(t, "the agent", p)
 	d, err := p.WaitReady(n.lab.Node().Do, agentproc.DefaultMetricsAddr, 60*time.Second)
 	if err != nil {
 		t.Fatalf("%v:\n%s", err, p.Tail(4000))
