@@ -5,13 +5,16 @@ GO ?= go
 BIN := bin/sluice
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: build test lint demo bench bench-quick image deps kube-assets clean
+.PHONY: build test lint demo bench bench-quick image deps node-deps kube-assets e2e-k8s e2e-k8s-smoke clean
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/sluice
 
 deps:
 	bash hack/deps.sh
+
+node-deps:
+	bash hack/node-deps.sh node
 
 kube-assets:
 	bash hack/kube-assets.sh
@@ -20,7 +23,10 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-test: deps kube-assets lint
+# The node's binaries are built before the tests (test/e2ek8s's smoke needs them), so their
+# cold build does not count against a test's time-out.
+test: deps node-deps kube-assets lint
+	bash hack/kube-assets.sh kubelet kube-controller-manager kube-scheduler kubectl agnhost
 	KUBEBUILDER_ASSETS=$$(bash hack/kube-assets.sh --print-dir) $(GO) test -count=1 -timeout 60m ./...
 	$(GO) test ./filter -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime 15s
 
@@ -35,6 +41,17 @@ bench-quick: build deps
 
 image:
 	docker build -t sluice:dev .
+
+# A real one-node cluster in a network namespace of this machine, sluice installed from deploy/,
+# and the upstream NetworkPolicy e2e suite, without and with sluice; rewrites
+# test/e2ek8s/RESULTS.md. Its last line is the run with sluice's "N passed, M failed".
+e2e-k8s:
+	bash hack/e2e-k8s.sh suite test/e2ek8s/RESULTS.md
+
+# The same node, with one allowed and one dropped connection instead of the suite (make test
+# runs it as test/e2ek8s's TestNodeSmoke).
+e2e-k8s-smoke:
+	bash hack/e2e-k8s.sh smoke
 
 clean:
 	rm -rf bin
