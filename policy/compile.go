@@ -317,6 +317,7 @@ func (c *compiler) flatten() {
 			return l.by, l.at
 		}
 		lo := uint32(len(s.lists))
+		n := 0
 		for _, pi := range by {
 			at := s.policies[pi].ingressAt
 			if dir == Egress {
@@ -324,7 +325,17 @@ func (c *compiler) flatten() {
 			}
 			if at.lo < at.hi {
 				s.lists = append(s.lists, at)
+				n += int(at.hi - at.lo)
 			}
+		}
+		if parts := s.lists[lo:]; len(parts) > 1 && n <= maxCopiedEntries {
+			// Few entries: one contiguous copy is faster to scan than the policies' ranges
+			// spread over the array, and costs at most maxCopiedEntries entries per list.
+			first := uint32(len(s.entries))
+			for _, at := range parts {
+				s.entries = append(s.entries, s.entries[at.lo:at.hi]...)
+			}
+			s.lists = append(s.lists[:lo], span{first, uint32(len(s.entries))})
 		}
 		l := list{by: by, at: span{lo, uint32(len(s.lists))}}
 		lists[string(key)] = l
@@ -353,6 +364,11 @@ func (c *compiler) flatten() {
 		p.egressBy, h.egress = share(p.egressBy, Egress)
 	}
 }
+
+// maxCopiedEntries bounds the port entries of a pod's policies that flatten copies into one
+// contiguous range (16 bytes each): a list longer than that is scanned policy by policy, so
+// that no choice of labels makes memory grow as pods times policy size.
+const maxCopiedEntries = 64
 
 // layOut appends the port entries of rules to the snapshot's entries.
 func (c *compiler) layOut(rules []ruleID) span {
