@@ -29,6 +29,7 @@ test: deps node-deps kube-assets lint
 	bash hack/kube-assets.sh kubelet kube-controller-manager kube-scheduler kubectl agnhost
 	KUBEBUILDER_ASSETS=$$(bash hack/kube-assets.sh --print-dir) $(GO) test -count=1 -timeout 60m ./...
 	$(GO) test ./filter -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime 15s
+	$(GO) test ./watch -run '^$$' -fuzz '^FuzzLoadPersisted$$' -fuzztime 15s
 
 demo: build deps
 	$(GO) run ./internal/demo -sluice $(BIN)
