@@ -359,29 +359,23 @@ func TestRulesWithoutReader(t *testing.T) {
 
 func TestDetectBackendInFreshNamespace(t *testing.T) {
 	rl := newRulesLab(t)
-	var backend, why string
-	var be Backend
-	if err := rl.Node().Do(func() (err error) {
-		be, err = DetectBackend()
-		backend, why = be.Name, be.Why
-		return err
-	}); err != nil {
-		t.Fatal(err)
+	detect := func() Backend {
+		t.Helper()
+		var be Backend
+		if err := rl.Node().Do(func() (err error) { be, err = DetectBackend(); return err }); err != nil {
+			t.Fatal(err)
+		}
+		return be
 	}
-	if backend != BackendNFT {
-		t.Errorf("fresh namespace: backend %s (%s), want %s", backend, why, BackendNFT)
+	if be := detect(); be.Name != BackendNFT {
+		t.Errorf("fresh namespace: backend %s (%s), want %s", be.Name, be.Why, BackendNFT)
 	}
 	// A node whose other components use legacy rules gets legacy rules from sluice too.
 	if _, err := rl.NodeExec("iptables-legacy", "-A", "FORWARD", "-p", "tcp", "--dport", "9", "-j", "ACCEPT"); err != nil {
 		t.Fatal(err)
 	}
-	if err := rl.Node().Do(func() (err error) {
-		be, err = DetectBackend()
-		backend, why = be.Name, be.Why
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	be := detect()
+	backend, why := be.Name, be.Why
 	if backend != BackendLegacy {
 		t.Errorf("namespace with legacy rules: backend %s (%s), want %s", backend, why, BackendLegacy)
 	}
