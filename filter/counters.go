@@ -57,6 +57,9 @@ type Counters struct {
 	// LatencySum is their total.
 	Latency    [numLatencyBuckets]uint64
 	LatencySum time.Duration
+	// TableEvicted counts live connections pushed out of a worker's connection table by
+	// others; TableRefused openings not recorded because their opener was over its quota.
+	TableEvicted, TableRefused uint64
 	// Generation is that of the snapshot in force; Snapshots how many were put in force.
 	Generation uint64
 	Snapshots  uint64
@@ -84,8 +87,9 @@ func (c *Counters) EachPacket(f func(v Verdict, r Reason, n uint64)) {
 
 // counterSet holds every worker's counters.
 type counterSet struct {
-	mu  sync.Mutex
-	all []*counters
+	mu     sync.Mutex
+	all    []*counters
+	tables []*returnTable
 	// engine-wide
 	logDropped atomic.Uint64
 	generation atomic.Uint64
@@ -116,6 +120,10 @@ func (s *counterSet) sum() Counters {
 			out.Latency[i] += c.latency[i].Load()
 		}
 		out.LatencySum += time.Duration(c.latencySum.Load())
+	}
+	for _, t := range s.tables {
+		out.TableEvicted += t.stats.evicted.Load()
+		out.TableRefused += t.stats.overQuota.Load()
 	}
 	out.LogDropped = s.logDropped.Load()
 	out.Generation = s.generation.Load()

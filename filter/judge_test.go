@@ -312,7 +312,7 @@ func TestReturnTableFloodKeepsOthers(t *testing.T) {
 	if held > tr.quota {
 		t.Errorf("the flooder holds %d entries, quota %d", held, tr.quota)
 	}
-	if tr.stats.overQuota == 0 || recorded == 50000 {
+	if tr.stats.overQuota.Load() == 0 || recorded == 50000 {
 		t.Errorf("quota never refused the flooder (recorded %d of 50000)", recorded)
 	}
 	lost := 0

@@ -95,7 +95,7 @@ func (e *Engine) RunLog(ctx context.Context) { e.logw.run(ctx) }
 // NewPath returns the packet path of one queue worker. A Path is not safe for concurrent use:
 // one per worker, each with its own flow cache and return table.
 func (e *Engine) NewPath(queue uint16) *Path {
-	return &Path{
+	p := &Path{
 		e:     e,
 		queue: queue,
 		dec:   NewDecoder(),
@@ -107,6 +107,10 @@ func (e *Engine) NewPath(queue uint16) *Path {
 		lim:   newLimiter(e.cfg.LogEvery, 4096),
 		count: e.count.add(),
 	}
+	e.count.mu.Lock()
+	e.count.tables = append(e.count.tables, p.track)
+	e.count.mu.Unlock()
+	return p
 }
 
 // Path is one worker's packet path: decode, judge, record.

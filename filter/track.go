@@ -3,6 +3,7 @@ package filter
 import (
 	"hash/maphash"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"github.com/sluice-dev/sluice/policy"
@@ -72,9 +73,10 @@ type returnTable struct {
 	stats   trackStats
 }
 
+// trackStats are atomics only so that a scrape may read them; one worker writes them.
 type trackStats struct {
-	evicted   uint64 // live entries pushed out by another
-	overQuota uint64 // openings not recorded: their opener held its quota in the bucket's place
+	evicted   atomic.Uint64 // live entries pushed out by another
+	overQuota atomic.Uint64 // openings not recorded: their opener held its quota and none of its own entries could make room
 }
 
 // newReturnTable makes a table holding about size connections.
@@ -192,10 +194,10 @@ func (t *returnTable) record(p *Packet, gen uint64, now int64) bool {
 		}
 		if victim != nil && !victim.expired(now) {
 			// Its own entry goes, so the opener stays at its quota.
-			t.stats.evicted++
+			t.stats.evicted.Add(1)
 		}
 		if victim == nil {
-			t.stats.overQuota++
+			t.stats.overQuota.Add(1)
 			return false
 		}
 	} else {
@@ -212,7 +214,7 @@ func (t *returnTable) record(p *Packet, gen uint64, now int64) bool {
 	}
 	if victim.used {
 		if !victim.expired(now) && victim.owner != owner {
-			t.stats.evicted++
+			t.stats.evicted.Add(1)
 		}
 		t.owners[victim.owner]--
 	}

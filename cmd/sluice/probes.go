@@ -60,10 +60,12 @@ var (
 	descLogDropped = prometheus.NewDesc("sluice_log_lines_dropped_total", "Verdict log lines dropped because the log writer fell behind.", nil, nil)
 	descGeneration = prometheus.NewDesc("sluice_snapshot_generation", "Generation of the policy snapshot in force.", nil, nil)
 	descSnapshots  = prometheus.NewDesc("sluice_snapshots_total", "Policy snapshots put in force.", nil, nil)
+	descEvicted    = prometheus.NewDesc("sluice_conn_table_evicted_total", "Live connections pushed out of sluice's connection table by others' (a full bucket).", nil, nil)
+	descRefused    = prometheus.NewDesc("sluice_conn_table_refused_total", "Accepted openings not recorded in sluice's connection table: their opener was over its quota.", nil, nil)
 )
 
 func (packetCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPackets, descLatency, descCacheHits, descCacheMiss, descLogDropped, descGeneration, descSnapshots} {
+	for _, d := range []*prometheus.Desc{descPackets, descLatency, descCacheHits, descCacheMiss, descLogDropped, descGeneration, descSnapshots, descEvicted, descRefused} {
 		ch <- d
 	}
 }
@@ -88,4 +90,6 @@ func (c packetCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descLogDropped, prometheus.CounterValue, float64(n.LogDropped))
 	ch <- prometheus.MustNewConstMetric(descGeneration, prometheus.GaugeValue, float64(n.Generation))
 	ch <- prometheus.MustNewConstMetric(descSnapshots, prometheus.CounterValue, float64(n.Snapshots))
+	ch <- prometheus.MustNewConstMetric(descEvicted, prometheus.CounterValue, float64(n.TableEvicted))
+	ch <- prometheus.MustNewConstMetric(descRefused, prometheus.CounterValue, float64(n.TableRefused))
 }
