@@ -35,19 +35,26 @@ func Compile(st *State, opt Options) (*Snapshot, error) {
 // compile is Compile; bounded false skips the size bounds, for the test that shows what they
 // prevent.
 func compile(st *State, opt Options, bounded bool) (*Snapshot, error) {
-	c := compiler{
-		bounded: bounded,
-		s: &Snapshot{
-			opt: opt,
-			by4: make(map[[4]byte]podID),
-			by6: make(map[[16]byte]podID),
-		},
+	c, err := compileWith(st, opt, bounded)
+	if c == nil {
+		return nil, err
+	}
+	return c.s, err
+}
+
+// compileWith is compile, returning the compiler (nil when there is no snapshot) for a Builder
+// to patch from.
+func compileWith(st *State, opt Options, bounded bool) (*compiler, error) {
+	c := &compiler{
+		bounded:  bounded,
+		s:        &Snapshot{opt: opt},
 		portIDs:  make(map[string]portName),
 		nsLabels: make(map[string]labels.Set),
 		nsPods:   make(map[string][]podID),
 		selCache: make(map[string]int32),
 		nsCache:  make(map[string][]string),
 		byLabel:  make(map[string]map[string][]podID),
+		lists:    make(map[string]sharedList),
 	}
 	c.namespaces(st.Namespaces)
 	c.pods(st.Pods)
@@ -80,9 +87,9 @@ func compile(st *State, opt Options, bounded bool) (*Snapshot, error) {
 	c.flatten()
 	s := c.s
 	s.stats.Namespaces = len(c.nsLabels)
-	s.stats.Pods = len(s.pods)
-	for i := range s.pods {
-		if s.pods[i].local {
+	s.stats.Pods = s.npods
+	for _, p := range s.livePods {
+		if p.local {
 			s.stats.LocalPods++
 		}
 	}
@@ -90,7 +97,8 @@ func compile(st *State, opt Options, bounded bool) (*Snapshot, error) {
 	s.stats.Rules = len(s.rules)
 	s.stats.PeerSets = len(s.sets)
 	s.stats.Invalid = len(bad)
-	return s, err
+	c.err = err
+	return c, err
 }
 
 type compiler struct {
@@ -105,6 +113,43 @@ type compiler struct {
 	ports    [][]containerPort             // pod -> its named ports, interned in flatten when a rule names them
 	selCache map[string]int32              // peer selector key -> index in s.sets
 	nsCache  map[string][]string
+	lists    map[string]sharedList // isolation lists by direction and policies, shared by pods
+
+	// What a Builder needs to change pods without compiling everything again.
+	claims   []uint8     // pod -> addressClaim
+	setDefs  []setDef    // s.sets index -> what its members are
+	selected []policySel // s.policies index -> whom it isolates
+	err      error       // the CompileError of this compile, if any
+	key      []byte
+}
+
+// sharedList is one isolation list: the policies and the range of Snapshot.lists of their
+// entries.
+type sharedList struct {
+	by []int32
+	at span
+}
+
+// setDef is what decides membership of a peer set: the pod's namespace is one of nss (sorted)
+// and pod (nil: every pod) matches its labels.
+type setDef struct {
+	nss []string
+	pod labels.Selector
+}
+
+func (d *setDef) has(ns string, l labels.Set) bool {
+	if _, ok := slices.BinarySearch(d.nss, ns); !ok {
+		return false
+	}
+	return d.pod == nil || d.pod.Matches(l)
+}
+
+// policySel is whom a compiled policy (namespace and name in ref) isolates: the local pods of
+// its namespace that sel matches, for the directions set.
+type policySel struct {
+	ref     PodRef
+	sel     labels.Selector
+	ing, eg bool
 }
 
 func (c *compiler) namespaces(nss []corev1.Namespace) {
@@ -167,11 +212,11 @@ func (c *compiler) pods(in []corev1.Pod) {
 		return cmp.Or(cmp.Compare(in[a].Namespace, in[b].Namespace), cmp.Compare(in[a].Name, in[b].Name))
 	})
 	s := c.s
-	s.pods = make([]cpod, 0, len(idx))
+	pods := make([]cpod, 0, len(idx))
 	claims := make([]uint8, 0, len(idx))
 	for _, i := range idx {
 		p := &in[i]
-		pi := podID(len(s.pods))
+		pi := podID(len(pods))
 		cp := cpod{
 			ref:   PodRef{Namespace: p.Namespace, Name: p.Name},
 			node:  p.Spec.NodeName,
@@ -189,13 +234,9 @@ func (c *compiler) pods(in []corev1.Pod) {
 			if owner := s.lookup(a); owner.isPod() && claims[owner] <= claim {
 				continue
 			}
-			if a.Is4() {
-				s.by4[a.As4()] = pi
-			} else {
-				s.by6[a.As16()] = pi
-			}
+			s.setOwner(a, pi)
 		}
-		s.pods = append(s.pods, cp)
+		pods = append(pods, cp)
 		c.ports = append(c.ports, ports)
 		c.labels = append(c.labels, labels.Set(p.Labels))
 		for k, v := range p.Labels {
@@ -213,10 +254,23 @@ func (c *compiler) pods(in []corev1.Pod) {
 			c.nsLabels[p.Namespace] = namespaceLabels(p.Namespace, nil)
 		}
 	}
+	s.pods, s.npods = paginate(pods), len(pods)
+	c.claims = claims
 	for name := range c.nsLabels {
 		c.nsNames = append(c.nsNames, name)
 	}
 	slices.Sort(c.nsNames)
+}
+
+// paginate cuts flat into pages of pageSize without copying. Each page but the last is capped
+// at its end, so appending to the last page never writes into another.
+func paginate[T any](flat []T) [][]T {
+	out := make([][]T, 0, (len(flat)+pageSize-1)/pageSize)
+	for lo := 0; lo < len(flat); lo += pageSize {
+		hi := min(lo+pageSize, len(flat))
+		out = append(out, flat[lo:hi:hi])
+	}
+	return out
 }
 
 // addressClaim ranks a participating pod's claim to its addresses; when pods claim the same
@@ -298,71 +352,77 @@ func (c *compiler) flatten() {
 		p := &s.policies[i]
 		p.ingressAt, p.egressAt = c.layOut(p.ingress), c.layOut(p.egress)
 	}
-	s.hot = make([]podHot, len(s.pods))
-	type list struct {
-		by []int32
-		at span
+	s.hot = paginate(make([]podHot, s.npods))
+	for i := range s.npods {
+		c.layOutPod(podID(i))
 	}
-	lists := make(map[string]list)
-	var key []byte
-	share := func(by []int32, dir Direction) ([]int32, span) {
-		if len(by) == 0 {
-			return nil, span{}
+}
+
+// layOutPod fills pod i's hot entry from its cpod (isolating policies) and named ports, on a
+// snapshot no reader has yet.
+func (c *compiler) layOutPod(i podID) {
+	s := c.s
+	p, h := s.pod(i), s.hotOf(i)
+	*h = podHot{}
+	lo := uint32(len(s.ports))
+	for _, cp := range c.ports[i] {
+		if id, ok := c.portIDs[cp.name]; ok {
+			s.ports = append(s.ports, namedPort{name: id, proto: cp.proto, port: cp.port})
 		}
-		key = append(key[:0], dir.specField()...)
-		for _, pi := range by {
-			key = binary.LittleEndian.AppendUint32(key, uint32(pi))
-		}
-		if l, ok := lists[string(key)]; ok {
-			return l.by, l.at
-		}
-		lo := uint32(len(s.lists))
-		n := 0
-		for _, pi := range by {
-			at := s.policies[pi].ingressAt
-			if dir == Egress {
-				at = s.policies[pi].egressAt
-			}
-			if at.lo < at.hi {
-				s.lists = append(s.lists, at)
-				n += int(at.hi - at.lo)
-			}
-		}
-		if parts := s.lists[lo:]; len(parts) > 1 && n <= maxCopiedEntries {
-			// Few entries: one contiguous copy is faster to scan than the policies' ranges
-			// spread over the array, and costs at most maxCopiedEntries entries per list.
-			first := uint32(len(s.entries))
-			for _, at := range parts {
-				s.entries = append(s.entries, s.entries[at.lo:at.hi]...)
-			}
-			s.lists = append(s.lists[:lo], span{first, uint32(len(s.entries))})
-		}
-		l := list{by: by, at: span{lo, uint32(len(s.lists))}}
-		lists[string(key)] = l
+	}
+	h.ports = span{lo, uint32(len(s.ports))}
+	if !p.local || p.dead {
+		return
+	}
+	h.flags |= podLocal
+	if len(p.ingressBy) > 0 {
+		h.flags |= podIngressIsolated
+	}
+	if len(p.egressBy) > 0 {
+		h.flags |= podEgressIsolated
+	}
+	p.ingressBy, h.ingress = c.share(p.ingressBy, Ingress)
+	p.egressBy, h.egress = c.share(p.egressBy, Egress)
+}
+
+// share returns the one isolation list of the policies by (indexes into s.policies, ascending)
+// in direction dir, laying it out the first time it is asked for.
+func (c *compiler) share(by []int32, dir Direction) ([]int32, span) {
+	if len(by) == 0 {
+		return nil, span{}
+	}
+	s := c.s
+	c.key = append(c.key[:0], dir.specField()...)
+	for _, pi := range by {
+		c.key = binary.LittleEndian.AppendUint32(c.key, uint32(pi))
+	}
+	if l, ok := c.lists[string(c.key)]; ok {
 		return l.by, l.at
 	}
-	for i := range s.pods {
-		p, h := &s.pods[i], &s.hot[i]
-		lo := uint32(len(s.ports))
-		for _, cp := range c.ports[i] {
-			if id, ok := c.portIDs[cp.name]; ok {
-				s.ports = append(s.ports, namedPort{name: id, proto: cp.proto, port: cp.port})
-			}
+	lo := uint32(len(s.lists))
+	n := 0
+	for _, pi := range by {
+		at := s.policies[pi].ingressAt
+		if dir == Egress {
+			at = s.policies[pi].egressAt
 		}
-		h.ports = span{lo, uint32(len(s.ports))}
-		if !p.local {
-			continue
+		if at.lo < at.hi {
+			s.lists = append(s.lists, at)
+			n += int(at.hi - at.lo)
 		}
-		h.flags |= podLocal
-		if len(p.ingressBy) > 0 {
-			h.flags |= podIngressIsolated
-		}
-		if len(p.egressBy) > 0 {
-			h.flags |= podEgressIsolated
-		}
-		p.ingressBy, h.ingress = share(p.ingressBy, Ingress)
-		p.egressBy, h.egress = share(p.egressBy, Egress)
 	}
+	if parts := s.lists[lo:]; len(parts) > 1 && n <= maxCopiedEntries {
+		// Few entries: one contiguous copy is faster to scan than the policies' ranges
+		// spread over the array, and costs at most maxCopiedEntries entries per list.
+		first := uint32(len(s.entries))
+		for _, at := range parts {
+			s.entries = append(s.entries, s.entries[at.lo:at.hi]...)
+		}
+		s.lists = append(s.lists[:lo], span{first, uint32(len(s.entries))})
+	}
+	l := sharedList{by: by, at: span{lo, uint32(len(s.lists))}}
+	c.lists[string(c.key)] = l
+	return l.by, l.at
 }
 
 // maxCopiedEntries bounds the port entries of a pod's policies that flatten copies into one
@@ -417,19 +477,37 @@ func PolicyTypes(np *networkingv1.NetworkPolicy) (ingress, egress bool) {
 // policy compiles np. On error nothing of np is in the snapshot (peer sets it resolved stay:
 // they are shared by selector and harmless).
 func (c *compiler) policy(np *networkingv1.NetworkPolicy) *PolicyError {
+	cp, err := c.compilePolicy(np)
+	if err != nil {
+		return err
+	}
+	c.apply(np, cp.sel, cp.ing, cp.eg, cp.ingRules, cp.egRules)
+	return nil
+}
+
+// compiledPolicy is a policy's rules, compiled into Snapshot.rules for the policy index
+// len(Snapshot.policies), and whom it isolates.
+type compiledPolicy struct {
+	sel               labels.Selector
+	ing, eg           bool
+	ingRules, egRules []ruleID
+}
+
+// compilePolicy compiles np's rules; apply then adds it to the snapshot.
+func (c *compiler) compilePolicy(np *networkingv1.NetworkPolicy) (compiledPolicy, *PolicyError) {
 	s := c.s
 	spec := field.NewPath("spec")
 	if i := invalidPolicyType(np); i >= 0 {
-		return fieldError(spec.Child("policyTypes").Index(i), "%q is not Ingress or Egress", np.Spec.PolicyTypes[i])
+		return compiledPolicy{}, fieldError(spec.Child("policyTypes").Index(i), "%q is not Ingress or Egress", np.Spec.PolicyTypes[i])
 	}
 	if c.bounded {
 		if err := checkSize(np); err != nil {
-			return err
+			return compiledPolicy{}, err
 		}
 	}
 	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
 	if err != nil {
-		return &PolicyError{Field: spec.Child("podSelector").String(), Err: err}
+		return compiledPolicy{}, &PolicyError{Field: spec.Child("podSelector").String(), Err: err}
 	}
 	pi := int32(len(s.policies))
 	ing, eg := PolicyTypes(np)
@@ -441,7 +519,7 @@ func (c *compiler) policy(np *networkingv1.NetworkPolicy) *PolicyError {
 			ri, err := c.rule(pi, np.Namespace, Ingress, i, r.From, r.Ports)
 			if err != nil {
 				s.rules = s.rules[:nrules]
-				return err
+				return compiledPolicy{}, err
 			}
 			ingRules = append(ingRules, ri)
 		}
@@ -452,13 +530,12 @@ func (c *compiler) policy(np *networkingv1.NetworkPolicy) *PolicyError {
 			ri, err := c.rule(pi, np.Namespace, Egress, i, r.To, r.Ports)
 			if err != nil {
 				s.rules = s.rules[:nrules]
-				return err
+				return compiledPolicy{}, err
 			}
 			egRules = append(egRules, ri)
 		}
 	}
-	c.apply(np, sel, ing, eg, ingRules, egRules)
-	return nil
+	return compiledPolicy{sel: sel, ing: ing, eg: eg, ingRules: ingRules, egRules: egRules}, nil
 }
 
 // isolateOnly compiles what a policy that does not compile says about whom it isolates, and
@@ -483,8 +560,9 @@ func (c *compiler) apply(np *networkingv1.NetworkPolicy, sel labels.Selector, in
 	s := c.s
 	pi := int32(len(s.policies))
 	s.policies = append(s.policies, cpolicy{name: np.Namespace + "/" + np.Name, ingress: ingRules, egress: egRules})
+	c.selected = append(c.selected, policySel{ref: PodRef{Namespace: np.Namespace, Name: np.Name}, sel: sel, ing: ing, eg: eg})
 	for _, p := range c.nsPods[np.Namespace] {
-		pod := &s.pods[p]
+		pod := s.pod(p)
 		if !pod.local || !sel.Matches(c.labels[p]) {
 			continue
 		}
@@ -685,7 +763,11 @@ func (c *compiler) peerSet(policyNS string, peer *networkingv1.NetworkPolicyPeer
 		nss = c.selectNamespaces(nsSel)
 	}
 	members := c.selectPods(nss, podSel)
-	c.s.sets = append(c.s.sets, newPodSet(members, len(c.s.pods)))
+	c.s.sets = append(c.s.sets, newPodSet(members, c.s.npods))
+	if podSel != nil && podSel.Empty() {
+		podSel = nil
+	}
+	c.setDefs = append(c.setDefs, setDef{nss: nss, pod: podSel})
 	i := int32(len(c.s.sets) - 1)
 	c.selCache[key] = i
 	return i, nil
@@ -720,7 +802,7 @@ func (c *compiler) selectPods(nss []string, podSel labels.Selector) []podID {
 			in[ns] = true
 		}
 		for _, p := range cand {
-			if in[c.s.pods[p].ref.Namespace] && podSel.Matches(c.labels[p]) {
+			if in[c.s.pod(p).ref.Namespace] && podSel.Matches(c.labels[p]) {
 				members = append(members, p)
 			}
 		}

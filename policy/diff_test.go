@@ -146,6 +146,13 @@ func diffProperty(rt *rapid.T, cfg *diffConfig) {
 	if snap.Generation() != 7 {
 		rt.Fatalf("Generation() = %d, want 7", snap.Generation())
 	}
+	diffCheck(rt, st, opt, snap, seed, cfg.flowsPerCheck)
+}
+
+// diffCheck compares every public answer of snap, compiled from st with opt, with the
+// reference: address owners, LocalPodIPs, Pods, PodIPs, Stats, and Decide and Explain on
+// flows random flows drawn with seed.
+func diffCheck(rt *rapid.T, st *policy.State, opt policy.Options, snap *policy.Snapshot, seed uint64, flows int) {
 	addrs := diffAddrs(st)
 	var owned []netip.Addr // addresses of participating pods: most flows start or end there
 	for _, a := range addrs {
@@ -198,7 +205,7 @@ func diffProperty(rt *rapid.T, cfg *diffConfig) {
 	}
 	r := rand.New(rand.NewPCG(seed, 1))
 	ports := diffPorts(st)
-	for i := 0; i < cfg.flowsPerCheck; i++ {
+	for i := 0; i < flows; i++ {
 		f := diffFlow(r, addrs, owned, ports)
 		if msg := diffMismatch(st, opt, snap, f); msg != "" {
 			min := minimize(st, opt, f)

@@ -31,7 +31,7 @@ func (s *Snapshot) Explain(f Flow) Explanation {
 func (s *Snapshot) endpoint(ip netip.Addr) Endpoint {
 	ep := Endpoint{IP: ip}
 	if i := s.lookup(ip); i.isPod() {
-		p := &s.pods[i]
+		p := s.pod(i)
 		ref := p.ref
 		ep.Pod, ep.Local, ep.Node = &ref, p.local, p.node
 	}
@@ -60,7 +60,7 @@ func (s *Snapshot) side(dir Direction, r *resolved) Side {
 	if !self.isPod() {
 		return Side{Allowed: true, Why: fmt.Sprintf("the %s %s is not a pod, so no policy restricts its %s", role, selfIP, word)}
 	}
-	p := &s.pods[self]
+	p := s.pod(self)
 	if !p.local {
 		return Side{Allowed: true, Why: fmt.Sprintf("%s runs on node %q; its %s is enforced there", p.ref, p.node, word)}
 	}

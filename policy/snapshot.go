@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"slices"
 
 	"github.com/gaissmai/bart"
 )
@@ -12,9 +13,11 @@ import (
 // Layout, chosen so that Decide touches few cache lines and never allocates, and so that memory
 // follows the size of the policies, not pods times policies:
 //   - by4 and by6 map every participating pod address to its pod (one map lookup per end,
-//     keyed by the address bytes so the key is small and hashes fast);
+//     keyed by the address bytes so the key is small and hashes fast), in shards by the
+//     address's last byte so that a Builder's pod change copies one small map, not all;
 //   - hot holds, per pod, only what Decide reads (locality, isolation and ranges of two flat
-//     arrays), apart from the names and addresses Explain needs;
+//     arrays), apart from the names and addresses Explain needs; hot and pods are paged for the
+//     same reason;
 //   - entries lays out, per policy and direction, the port entries of its rules (16 bytes each,
 //     contiguous), and lists holds, per local pod and direction, the entry ranges of the
 //     policies isolating it (pods isolated by the same policies share one list), so Decide never
@@ -25,13 +28,15 @@ import (
 //     disjoint prefix set held in a bart.Lite routing table.
 type Snapshot struct {
 	opt      Options
-	by4      map[[4]byte]podID
-	by6      map[[16]byte]podID
-	hot      []podHot
+	by4      [addrShards]map[[4]byte]podID
+	by6      [addrShards]map[[16]byte]podID
+	hot      [][]podHot  // pages of pageSize, indexed by podID (see hotOf)
 	lists    []span      // podHot.ingress and .egress ranges index this; each an entries range
 	entries  []portEntry // cpolicy.ingressAt and .egressAt, and so lists, index this
 	ports    []namedPort // podHot.ports ranges index this
-	pods     []cpod
+	pods     [][]cpod    // pages like hot; a dead pod (a Builder's deleted one) is in no map or set
+	npods    int         // pod ids in use, dead ones included
+	dead     int
 	rules    []crule
 	policies []cpolicy
 	sets     []podSet
@@ -107,6 +112,7 @@ type cpod struct {
 	ref   PodRef
 	node  string
 	local bool
+	dead  bool
 	ips   []netip.Addr
 	// Policies (indexes into Snapshot.policies) that isolate this pod, per direction; local
 	// pods only.
@@ -194,15 +200,15 @@ func (s *Snapshot) Decide(f Flow) Verdict {
 	src, dst := s.lookup(f.Src), s.lookup(f.Dst)
 	isolated := false
 	const egress, ingress = podLocal | podEgressIsolated, podLocal | podIngressIsolated
-	if src.isPod() && s.hot[src].flags&egress == egress {
+	if src.isPod() && s.hotOf(src).flags&egress == egress {
 		isolated = true
-		if !s.anyRule(s.hot[src].egress, f, src, dst, true) {
+		if !s.anyRule(s.hotOf(src).egress, f, src, dst, true) {
 			return Verdict{Allowed: false, Reason: ReasonEgress}
 		}
 	}
-	if dst.isPod() && s.hot[dst].flags&ingress == ingress {
+	if dst.isPod() && s.hotOf(dst).flags&ingress == ingress {
 		isolated = true
-		if !s.anyRule(s.hot[dst].ingress, f, src, dst, false) {
+		if !s.anyRule(s.hotOf(dst).ingress, f, src, dst, false) {
 			return Verdict{Allowed: false, Reason: ReasonIngress}
 		}
 	}
@@ -215,15 +221,78 @@ func (s *Snapshot) Decide(f Flow) Verdict {
 // lookup finds the pod owning a (native) address.
 func (s *Snapshot) lookup(a netip.Addr) podID {
 	if a.Is4() {
-		if i, ok := s.by4[a.As4()]; ok {
+		k := a.As4()
+		if i, ok := s.by4[k[3]][k]; ok {
 			return i
 		}
 		return noPod
 	}
-	if i, ok := s.by6[a.As16()]; ok {
+	k := a.As16()
+	if i, ok := s.by6[k[15]][k]; ok {
 		return i
 	}
 	return noPod
+}
+
+// addrShards is the number of shards of the address maps: a pod change copies one shard, about
+// pods/256 entries.
+const addrShards = 256
+
+// setOwner maps a (native) address to pod p, or unmaps it when p is noPod, in place: only on a
+// snapshot no reader has yet (Compile's, or a Builder's copy whose shard it already copied).
+func (s *Snapshot) setOwner(a netip.Addr, p podID) {
+	if a.Is4() {
+		k := a.As4()
+		m := s.by4[k[3]]
+		if m == nil {
+			m = make(map[[4]byte]podID)
+			s.by4[k[3]] = m
+		}
+		if p.isPod() {
+			m[k] = p
+		} else {
+			delete(m, k)
+		}
+		return
+	}
+	k := a.As16()
+	m := s.by6[k[15]]
+	if m == nil {
+		m = make(map[[16]byte]podID)
+		s.by6[k[15]] = m
+	}
+	if p.isPod() {
+		m[k] = p
+	} else {
+		delete(m, k)
+	}
+}
+
+// pageBits sizes the pages of hot and pods: a pod change copies one page of each (512 entries,
+// about 14 kB of hot and 60 kB of pods).
+const (
+	pageBits = 9
+	pageSize = 1 << pageBits
+	pageMask = pageSize - 1
+)
+
+// hotOf is what Decide reads of pod p.
+func (s *Snapshot) hotOf(p podID) *podHot { return &s.hot[p>>pageBits][p&pageMask] }
+
+// pod is the rest of pod p.
+func (s *Snapshot) pod(p podID) *cpod { return &s.pods[p>>pageBits][p&pageMask] }
+
+// livePods yields the ids of the pods that are not dead, in id order.
+func (s *Snapshot) livePods(yield func(podID, *cpod) bool) {
+	for i := range s.npods {
+		p := s.pod(podID(i))
+		if p.dead {
+			continue
+		}
+		if !yield(podID(i), p) {
+			return
+		}
+	}
 }
 
 // anyRule reports whether one of the port entries of the policies in list (their egress or
@@ -321,7 +390,7 @@ func (s *Snapshot) hasNamedPort(pod podID, name portName, proto Protocol, port u
 	if !pod.isPod() {
 		return false
 	}
-	ps := s.hot[pod].ports
+	ps := s.hotOf(pod).ports
 	for _, np := range s.ports[ps.lo:ps.hi] {
 		if np.name == name && np.proto == proto && np.port == port {
 			return true
@@ -336,15 +405,15 @@ func (s *Snapshot) Pod(ip netip.Addr) (PodRef, bool) {
 	if !i.isPod() {
 		return PodRef{}, false
 	}
-	return s.pods[i].ref, true
+	return s.pod(i).ref, true
 }
 
 // PodIPs returns the addresses of the named pod, primary first; nil when the pod does not
 // take part (unknown, hostNetwork, finished or without an address).
 func (s *Snapshot) PodIPs(ref PodRef) []netip.Addr {
-	for i := range s.pods {
-		if s.pods[i].ref == ref {
-			return append([]netip.Addr(nil), s.pods[i].ips...)
+	for _, p := range s.livePods {
+		if p.ref == ref {
+			return append([]netip.Addr(nil), p.ips...)
 		}
 	}
 	return nil
@@ -353,7 +422,7 @@ func (s *Snapshot) PodIPs(ref PodRef) []netip.Addr {
 // IsLocal reports whether ip belongs to a pod on this node.
 func (s *Snapshot) IsLocal(ip netip.Addr) bool {
 	i := s.lookup(ip.Unmap())
-	return i.isPod() && s.pods[i].local
+	return i.isPod() && s.pod(i).local
 }
 
 // LocalPodIPs lists every address a local pod owns: the addresses whose packets this node
@@ -361,12 +430,12 @@ func (s *Snapshot) IsLocal(ip netip.Addr) bool {
 // local, so it is listed once and exactly when IsLocal says so.
 func (s *Snapshot) LocalPodIPs() []netip.Addr {
 	var out []netip.Addr
-	for i := range s.pods {
-		if !s.pods[i].local {
+	for i, p := range s.livePods {
+		if !p.local {
 			continue
 		}
-		for _, a := range s.pods[i].ips {
-			if s.lookup(a) == podID(i) {
+		for _, a := range p.ips {
+			if s.lookup(a) == i {
 				out = append(out, a)
 			}
 		}
@@ -376,10 +445,12 @@ func (s *Snapshot) LocalPodIPs() []netip.Addr {
 
 // Pods lists the participating pods in (namespace, name) order.
 func (s *Snapshot) Pods() []PodRef {
-	out := make([]PodRef, len(s.pods))
-	for i := range s.pods {
-		out[i] = s.pods[i].ref
+	out := make([]PodRef, 0, s.npods-s.dead)
+	for _, p := range s.livePods {
+		out = append(out, p.ref)
 	}
+	// A Builder appends the pods it adds; the order stays the documented one.
+	slices.SortFunc(out, PodRef.Compare)
 	return out
 }
 

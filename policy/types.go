@@ -6,6 +6,7 @@
 package policy
 
 import (
+	"cmp"
 	"net/netip"
 	"strconv"
 
@@ -124,3 +125,8 @@ type PodRef struct {
 }
 
 func (p PodRef) String() string { return p.Namespace + "/" + p.Name }
+
+// Compare orders pods by (namespace, name), the order listings and address ties follow.
+func (p PodRef) Compare(q PodRef) int {
+	return cmp.Or(cmp.Compare(p.Namespace, q.Namespace), cmp.Compare(p.Name, q.Name))
+}

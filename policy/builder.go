@@ -1,0 +1,547 @@
+package policy
+
+import (
+	"maps"
+	"net/netip"
+	"slices"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/labels"
+)
+
+// Builder keeps a cluster's objects and the snapshot last built from them, and takes changes
+// one object at a time, as an informer delivers them.
+//
+// A Build after pod and policy changes patches a copy of the last snapshot: a pod change
+// (add, delete, labels, addresses, phase) recomputes that pod's address ownership, peer set
+// memberships and isolation; a policy change compiles that policy and recomputes the isolation
+// of the local pods of its namespace that it selects, before or after. The pages of pods, the
+// address shards and the peer sets a change touches are copied and the rest is shared with the
+// previous generation, which readers may still be using and which never changes.
+//
+// A Build compiles everything, as Compile does, after a namespace change; after a policy change
+// while some policy does not compile, or when the policy names a port no policy named before;
+// and when what patches leave behind (the ids of deleted pods and the rules of replaced
+// policies, never reused) reaches a quarter of the live ones. Every Build's snapshot answers
+// exactly as Compile of State would (the differential tests hold it to that after every step).
+//
+// A Builder is not safe for concurrent use. It keeps the objects it is given, which must not
+// be modified afterwards (informer caches' objects never are).
+type Builder struct {
+	opt  Options
+	pods map[PodRef]*corev1.Pod
+	nss  map[string]*corev1.Namespace
+	pols map[PodRef]*networkingv1.NetworkPolicy // namespace and name, as for pods
+
+	changed    map[PodRef]struct{} // pods changed since snap
+	changedNPs map[PodRef]struct{} // policies changed since snap
+	full       bool                // a namespace changed since snap
+
+	// The last build and what patching it needs; c is nil when there is none to patch.
+	snap       *Snapshot
+	c          *compiler
+	ids        map[PodRef]podID       // the live pods of snap
+	claimants  map[netip.Addr][]podID // address -> the live pods that list it
+	singleNS   map[string][]int32     // namespace -> the peer sets drawing from it (and few others)
+	multiNS    []int32                // peer sets drawing from more than indexedNamespaces
+	nsPolicies map[string][]int32     // namespace -> its live policies' indexes, in name order
+	polIDs     map[PodRef]int32       // the live policies of snap
+
+	patches, compiles int
+}
+
+// NewBuilder returns an empty Builder whose snapshots are compiled with opt (its Generation is
+// ignored: Build takes one).
+func NewBuilder(opt Options) *Builder {
+	return &Builder{
+		opt:        opt,
+		pods:       make(map[PodRef]*corev1.Pod),
+		nss:        make(map[string]*corev1.Namespace),
+		pols:       make(map[PodRef]*networkingv1.NetworkPolicy),
+		changed:    make(map[PodRef]struct{}),
+		changedNPs: make(map[PodRef]struct{}),
+		full:       true,
+	}
+}
+
+// SetPod adds or replaces a pod.
+func (b *Builder) SetPod(p *corev1.Pod) {
+	ref := PodRef{Namespace: p.Namespace, Name: p.Name}
+	b.pods[ref] = p
+	b.changed[ref] = struct{}{}
+}
+
+// DeletePod removes a pod; an unknown one is no change.
+func (b *Builder) DeletePod(namespace, name string) {
+	ref := PodRef{Namespace: namespace, Name: name}
+	if _, ok := b.pods[ref]; !ok {
+		return
+	}
+	delete(b.pods, ref)
+	b.changed[ref] = struct{}{}
+}
+
+// SetNamespace adds or replaces a namespace.
+func (b *Builder) SetNamespace(ns *corev1.Namespace) {
+	b.nss[ns.Name] = ns
+	b.full = true
+}
+
+// DeleteNamespace removes a namespace.
+func (b *Builder) DeleteNamespace(name string) {
+	delete(b.nss, name)
+	b.full = true
+}
+
+// SetPolicy adds or replaces a NetworkPolicy.
+func (b *Builder) SetPolicy(np *networkingv1.NetworkPolicy) {
+	ref := PodRef{Namespace: np.Namespace, Name: np.Name}
+	b.pols[ref] = np
+	b.changedNPs[ref] = struct{}{}
+}
+
+// DeletePolicy removes a NetworkPolicy.
+func (b *Builder) DeletePolicy(namespace, name string) {
+	ref := PodRef{Namespace: namespace, Name: name}
+	if _, ok := b.pols[ref]; !ok {
+		return
+	}
+	delete(b.pols, ref)
+	b.changedNPs[ref] = struct{}{}
+}
+
+// State is the Builder's objects, each list in (namespace, name) order. It shares the objects.
+func (b *Builder) State() *State {
+	st := &State{
+		Namespaces: make([]corev1.Namespace, 0, len(b.nss)),
+		Pods:       make([]corev1.Pod, 0, len(b.pods)),
+		Policies:   make([]networkingv1.NetworkPolicy, 0, len(b.pols)),
+	}
+	for _, name := range slices.Sorted(maps.Keys(b.nss)) {
+		st.Namespaces = append(st.Namespaces, *b.nss[name])
+	}
+	for _, ref := range slices.SortedFunc(maps.Keys(b.pods), PodRef.Compare) {
+		st.Pods = append(st.Pods, *b.pods[ref])
+	}
+	for _, ref := range slices.SortedFunc(maps.Keys(b.pols), PodRef.Compare) {
+		st.Policies = append(st.Policies, *b.pols[ref])
+	}
+	return st
+}
+
+// Builds counts the builds that patched the last snapshot and those that compiled everything.
+func (b *Builder) Builds() (patched, compiled int) { return b.patches, b.compiles }
+
+// Build returns the snapshot of the Builder's objects with generation gen, and the
+// *CompileError of the policies that do not compile, as Compile would. When Build returns no
+// snapshot, the next one compiles everything again.
+func (b *Builder) Build(gen uint64) (*Snapshot, error) {
+	opt := b.opt
+	opt.Generation = gen
+	if b.patchable() {
+		if s, ok := b.patch(opt); ok {
+			b.patches++
+			clear(b.changed)
+			clear(b.changedNPs)
+			b.snap = s
+			return s, b.c.err
+		}
+	}
+	return b.compileAll(opt)
+}
+
+// patchable reports whether the next Build may patch the last snapshot.
+func (b *Builder) patchable() bool {
+	if b.c == nil || b.full {
+		return false
+	}
+	s := b.snap
+	if len(b.changedNPs) > 0 && b.c.err != nil {
+		// Which policies fail is known from a full compile only.
+		return false
+	}
+	return s.dead <= s.npods/4 && len(s.policies)-s.stats.Policies <= s.stats.Policies/4+16
+}
+
+func (b *Builder) compileAll(opt Options) (*Snapshot, error) {
+	b.compiles++
+	clear(b.changed)
+	clear(b.changedNPs)
+	b.full = false
+	b.snap, b.c = nil, nil
+	c, err := compileWith(b.State(), opt, true)
+	if c == nil {
+		return nil, err
+	}
+	s := c.s
+	b.snap, b.c = s, c
+	b.ids = make(map[PodRef]podID, s.npods)
+	b.claimants = make(map[netip.Addr][]podID, s.npods)
+	for id, p := range s.livePods {
+		b.ids[p.ref] = id
+		for _, a := range p.ips {
+			b.claimants[a] = append(b.claimants[a], id)
+		}
+	}
+	b.singleNS = make(map[string][]int32)
+	b.multiNS = nil
+	b.indexSets(0)
+	b.nsPolicies = make(map[string][]int32)
+	b.polIDs = make(map[PodRef]int32, len(c.selected))
+	for i := range c.selected {
+		// Compile takes the policies in (namespace, name) order: index order is name order.
+		ref := c.selected[i].ref
+		b.nsPolicies[ref.Namespace] = append(b.nsPolicies[ref.Namespace], int32(i))
+		b.polIDs[ref] = int32(i)
+	}
+	return s, err
+}
+
+// indexSets indexes the peer sets from index from on by the namespaces they draw from.
+func (b *Builder) indexSets(from int) {
+	for i, d := range b.c.setDefs[from:] {
+		i += from
+		// Namespaces do not change between full compiles, so a set's namespaces are fixed and
+		// a pod change need only visit the sets that draw from its namespace.
+		if len(d.nss) > indexedNamespaces {
+			b.multiNS = append(b.multiNS, int32(i))
+			continue
+		}
+		for _, ns := range d.nss {
+			b.singleNS[ns] = append(b.singleNS[ns], int32(i))
+		}
+	}
+}
+
+// indexedNamespaces bounds the namespaces a peer set is indexed under for pod changes; a set
+// drawing from more is checked on every pod change instead.
+const indexedNamespaces = 8
+
+// patcher applies pod changes to a copy of the last snapshot, copying each page, address shard
+// and peer set the first time it writes to it, so that the last snapshot never changes.
+type patcher struct {
+	b        *Builder
+	c        *compiler
+	s        *Snapshot
+	hotPages map[int]bool
+	podPages map[int]bool
+	shards4  [addrShards]bool
+	shards6  [addrShards]bool
+	sets     map[int32]bool
+}
+
+// patch builds the next snapshot from the last one and the changed pods; false when a change
+// needs a full compile (a pod in a namespace the last one did not know). Then the Builder's
+// patch state is spent: the caller compiles everything, which rebuilds it.
+func (b *Builder) patch(opt Options) (*Snapshot, bool) {
+	old := b.snap
+	s := new(Snapshot)
+	*s = *old
+	s.opt = opt
+	s.hot = slices.Clone(old.hot)
+	s.pods = slices.Clone(old.pods)
+	s.sets = slices.Clone(old.sets)
+	p := &patcher{b: b, c: b.c, s: s, hotPages: map[int]bool{}, podPages: map[int]bool{}, sets: map[int32]bool{}}
+	b.c.s = s // the compiler's rules, sets, lists, entries and ports appends go to the new snapshot
+	// Policies first, on the pods as they were; the changed pods then take their isolation from
+	// the policies as they are now.
+	sets := len(b.c.setDefs)
+	for ref := range b.changedNPs {
+		if !p.policy(ref) {
+			b.c = nil
+			return nil, false
+		}
+	}
+	b.indexSets(sets)
+	for ref := range b.changed {
+		if !p.pod(ref) {
+			b.c = nil
+			return nil, false
+		}
+	}
+	s.stats.Pods = s.npods - s.dead
+	s.stats.PeerSets = len(s.sets)
+	return s, true
+}
+
+// policy applies the change of one policy: its old version isolates nobody any more, its new
+// one is compiled under a new index (lists of policy indexes, shared between pods, then never
+// mean two different things), and the local pods of its namespace either selects are isolated
+// again.
+func (p *patcher) policy(ref PodRef) bool {
+	b, c, s := p.b, p.c, p.s
+	np := b.pols[ref]
+	var sels []labels.Selector
+	if oi, had := b.polIDs[ref]; had {
+		sels = append(sels, c.selected[oi].sel)
+		b.nsPolicies[ref.Namespace] = slices.DeleteFunc(slices.Clone(b.nsPolicies[ref.Namespace]), func(i int32) bool { return i == oi })
+		delete(b.polIDs, ref)
+		old := &s.policies[oi]
+		s.stats.Policies--
+		s.stats.Rules -= len(old.ingress) + len(old.egress)
+	}
+	if np != nil {
+		names := len(c.portIDs)
+		cp, err := c.compilePolicy(np)
+		if err != nil || len(c.portIDs) != names {
+			// A broken policy: a full compile finds and reports every one. A new port name:
+			// the pods' named ports hold only the names policies used so far.
+			return false
+		}
+		pi := int32(len(s.policies))
+		s.policies = append(s.policies, cpolicy{name: ref.String(), ingress: cp.ingRules, egress: cp.egRules})
+		at := &s.policies[pi]
+		at.ingressAt, at.egressAt = c.layOut(cp.ingRules), c.layOut(cp.egRules)
+		c.selected = append(c.selected, policySel{ref: ref, sel: cp.sel, ing: cp.ing, eg: cp.eg})
+		list := b.nsPolicies[ref.Namespace]
+		i, _ := slices.BinarySearchFunc(list, ref, func(q int32, r PodRef) int { return c.selected[q].ref.Compare(r) })
+		b.nsPolicies[ref.Namespace] = slices.Insert(slices.Clone(list), i, pi)
+		b.polIDs[ref] = pi
+		s.stats.Policies++
+		s.stats.Rules += len(cp.ingRules) + len(cp.egRules)
+		sels = append(sels, cp.sel)
+	}
+	for _, id := range c.nsPods[ref.Namespace] {
+		if !s.pod(id).local {
+			continue
+		}
+		for _, sel := range sels {
+			if sel.Matches(c.labels[id]) {
+				p.isolate(id)
+				break
+			}
+		}
+	}
+	return true
+}
+
+// isolate recomputes the isolation of live pod id from its namespace's policies (none when it
+// is remote).
+func (p *patcher) isolate(id podID) {
+	b, c := p.b, p.c
+	cp := p.writablePod(id)
+	p.writableHot(id)
+	cp.ingressBy, cp.egressBy = nil, nil
+	for _, pi := range b.nsPolicies[cp.ref.Namespace] {
+		if !cp.local {
+			break // its own node judges it
+		}
+		if ps := &c.selected[pi]; ps.sel.Matches(c.labels[id]) {
+			if ps.ing {
+				cp.ingressBy = append(cp.ingressBy, pi)
+			}
+			if ps.eg {
+				cp.egressBy = append(cp.egressBy, pi)
+			}
+		}
+	}
+	c.layOutPod(id)
+}
+
+func (p *patcher) pod(ref PodRef) bool {
+	b, c, s := p.b, p.c, p.s
+	obj := b.pods[ref]
+	in := obj != nil && Participates(obj)
+	if _, known := c.nsLabels[ref.Namespace]; in && !known {
+		return false
+	}
+	id, had := b.ids[ref]
+	if !had && !in {
+		return true
+	}
+	var oldIPs []netip.Addr
+	if had {
+		old := s.pod(id)
+		oldIPs = old.ips
+		if old.local {
+			s.stats.LocalPods--
+		}
+		c.unindex(id, ref.Namespace)
+	} else {
+		id = p.appendPod()
+		b.ids[ref] = id
+	}
+	cp := p.writablePod(id)
+	if in {
+		local := s.opt.Node == "" || obj.Spec.NodeName == s.opt.Node
+		*cp = cpod{ref: ref, node: obj.Spec.NodeName, local: local, ips: PodAddrs(obj)}
+		c.labels[id] = obj.Labels
+		c.ports[id] = slices.Collect(namedContainerPorts(obj))
+		c.claims[id] = addressClaim(obj, local)
+		c.index(id, ref.Namespace)
+		if local {
+			s.stats.LocalPods++
+		}
+		p.isolate(id)
+	} else {
+		*cp = cpod{ref: ref, dead: true}
+		c.labels[id], c.ports[id], c.claims[id] = nil, nil, 0
+		delete(b.ids, ref)
+		s.dead++
+		p.writableHot(id)
+		c.layOutPod(id)
+	}
+
+	for _, a := range oldIPs {
+		if l := slices.DeleteFunc(b.claimants[a], func(q podID) bool { return q == id }); len(l) > 0 {
+			b.claimants[a] = l
+		} else {
+			delete(b.claimants, a)
+		}
+	}
+	for _, a := range cp.ips {
+		b.claimants[a] = append(b.claimants[a], id)
+	}
+	for _, a := range oldIPs {
+		p.own(a)
+	}
+	for _, a := range cp.ips {
+		p.own(a)
+	}
+
+	for _, si := range b.singleNS[ref.Namespace] {
+		p.member(si, id, had, in)
+	}
+	for _, si := range b.multiNS {
+		p.member(si, id, had, in)
+	}
+	return true
+}
+
+// member brings pod id's membership of peer set si up to date.
+func (p *patcher) member(si int32, id podID, had, in bool) {
+	c, s := p.c, p.s
+	now := in && c.setDefs[si].has(s.pod(id).ref.Namespace, c.labels[id])
+	if was := had && s.sets[si].contains(id); now == was {
+		return
+	}
+	set := &s.sets[si]
+	if !p.sets[si] {
+		p.sets[si] = true
+		*set = podSet{list: slices.Clone(set.list), bits: slices.Clone(set.bits)}
+	}
+	if set.bits != nil {
+		w := int(id >> 6)
+		if w >= len(set.bits) {
+			set.bits = append(set.bits, make([]uint64, w+1-len(set.bits))...)
+		}
+		if now {
+			set.bits[w] |= 1 << (uint(id) & 63)
+		} else {
+			set.bits[w] &^= 1 << (uint(id) & 63)
+		}
+		return
+	}
+	i, _ := slices.BinarySearch(set.list, id)
+	if now {
+		set.list = slices.Insert(set.list, i, id)
+	} else {
+		set.list = slices.Delete(set.list, i, i+1)
+	}
+}
+
+// own gives address a to the claimant addressClaim ranks first, as Compile does: the lowest
+// claim, ties to the first pod in (namespace, name) order.
+func (p *patcher) own(a netip.Addr) {
+	c, s := p.c, p.s
+	best := noPod
+	for _, q := range p.b.claimants[a] {
+		if !best.isPod() || c.claims[q] < c.claims[best] ||
+			(c.claims[q] == c.claims[best] && s.pod(q).ref.Compare(s.pod(best).ref) < 0) {
+			best = q
+		}
+	}
+	if a.Is4() {
+		k := a.As4()[3]
+		if !p.shards4[k] {
+			p.shards4[k] = true
+			s.by4[k] = maps.Clone(s.by4[k])
+		}
+	} else {
+		k := a.As16()[15]
+		if !p.shards6[k] {
+			p.shards6[k] = true
+			s.by6[k] = maps.Clone(s.by6[k])
+		}
+	}
+	s.setOwner(a, best)
+}
+
+// appendPod allocates the next pod id. Its page entries are appended past the previous
+// snapshot's length, which that snapshot never reads.
+func (p *patcher) appendPod() podID {
+	s, c := p.s, p.c
+	id := podID(s.npods)
+	pg := int(id >> pageBits)
+	if pg == len(s.hot) {
+		s.hot = append(s.hot, make([]podHot, 0, pageSize))
+		s.pods = append(s.pods, make([]cpod, 0, pageSize))
+		p.hotPages[pg], p.podPages[pg] = true, true
+	}
+	s.hot[pg] = append(s.hot[pg], podHot{})
+	s.pods[pg] = append(s.pods[pg], cpod{})
+	s.npods++
+	c.labels = append(c.labels, nil)
+	c.ports = append(c.ports, nil)
+	c.claims = append(c.claims, 0)
+	return id
+}
+
+func (p *patcher) writablePod(id podID) *cpod {
+	if pg := int(id >> pageBits); !p.podPages[pg] {
+		p.podPages[pg] = true
+		p.s.pods[pg] = slices.Clone(p.s.pods[pg])
+	}
+	return p.s.pod(id)
+}
+
+func (p *patcher) writableHot(id podID) *podHot {
+	if pg := int(id >> pageBits); !p.hotPages[pg] {
+		p.hotPages[pg] = true
+		p.s.hot[pg] = slices.Clone(p.s.hot[pg])
+	}
+	return p.s.hotOf(id)
+}
+
+// index adds live pod id to the compiler's namespace and label indexes, which a policy patch
+// resolves new peer selectors from; unindex removes it. Both keep the lists ascending.
+func (c *compiler) index(id podID, ns string) {
+	c.nsPods[ns] = insertID(c.nsPods[ns], id)
+	for k, v := range c.labels[id] {
+		vals := c.byLabel[k]
+		if vals == nil {
+			vals = make(map[string][]podID)
+			c.byLabel[k] = vals
+		}
+		vals[v] = insertID(vals[v], id)
+	}
+}
+
+func (c *compiler) unindex(id podID, ns string) {
+	c.nsPods[ns] = deleteID(c.nsPods[ns], id)
+	for k, v := range c.labels[id] {
+		if vals := c.byLabel[k]; vals != nil {
+			if l := deleteID(vals[v], id); len(l) > 0 {
+				vals[v] = l
+			} else {
+				delete(vals, v)
+			}
+		}
+	}
+}
+
+func insertID(l []podID, id podID) []podID {
+	i, found := slices.BinarySearch(l, id)
+	if found {
+		return l
+	}
+	return slices.Insert(l, i, id)
+}
+
+func deleteID(l []podID, id podID) []podID {
+	if i, found := slices.BinarySearch(l, id); found {
+		return slices.Delete(l, i, i+1)
+	}
+	return l
+}

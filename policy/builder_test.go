@@ -1,0 +1,266 @@
+package policy_test
+
+import (
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"reflect"
+	"slices"
+	"sync/atomic"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	"pgregory.net/rapid"
+
+	"github.com/sluice-dev/sluice/policy"
+)
+
+// The Builder's differential test: random clusters take random sequences of changes, mostly
+// to pods (as a cluster's churn is), now and then to a policy or namespace; after every Build
+// the snapshot is compared with the reference on the same objects (everything diffCheck
+// compares), and the snapshot before it must still answer as it did (readers of an older
+// generation never see a later change).
+
+var builderSteps, builderPatched atomic.Int64
+
+func TestBuilderDifferential(t *testing.T) {
+	builderSteps.Store(0)
+	builderPatched.Store(0)
+	for _, cfg := range []*diffConfig{diffSmall, diffLarge} {
+		rapid.Check(t, func(rt *rapid.T) { builderProperty(rt, cfg) })
+	}
+	steps, patched := builderSteps.Load(), builderPatched.Load()
+	t.Logf("builder: %d builds after random changes checked against the reference, %d of them patches", steps, patched)
+	// Most steps change pods only; if they all compiled everything the patch path went untested.
+	if !t.Failed() && patched*2 < steps {
+		t.Fatalf("only %d of %d builds patched the last snapshot", patched, steps)
+	}
+}
+
+// mirror is the test's own copy of the objects the Builder holds.
+type mirror struct {
+	pods map[policy.PodRef]corev1.Pod
+	nss  map[string]corev1.Namespace
+	pols map[policy.PodRef]networkingv1.NetworkPolicy
+}
+
+func (m *mirror) state() *policy.State {
+	st := &policy.State{}
+	byRef := policy.PodRef.Compare
+	for _, k := range slices.Sorted(maps.Keys(m.nss)) {
+		st.Namespaces = append(st.Namespaces, m.nss[k])
+	}
+	for _, k := range slices.SortedFunc(maps.Keys(m.pods), byRef) {
+		st.Pods = append(st.Pods, m.pods[k])
+	}
+	for _, k := range slices.SortedFunc(maps.Keys(m.pols), byRef) {
+		st.Policies = append(st.Policies, m.pols[k])
+	}
+	return st
+}
+
+func builderProperty(rt *rapid.T, cfg *diffConfig) {
+	st := drawState(rt, cfg)
+	opt := policy.Options{Node: rapid.SampledFrom([]string{"", "", "node-a", "node-b"}).Draw(rt, "node")}
+	b := policy.NewBuilder(opt)
+	m := &mirror{pods: map[policy.PodRef]corev1.Pod{}, nss: map[string]corev1.Namespace{}, pols: map[policy.PodRef]networkingv1.NetworkPolicy{}}
+	for _, ns := range st.Namespaces {
+		m.nss[ns.Name] = ns
+		b.SetNamespace(&ns)
+	}
+	for _, p := range st.Pods {
+		m.pods[policy.PodRef{Namespace: p.Namespace, Name: p.Name}] = p
+		b.SetPod(&p)
+	}
+	for _, np := range st.Policies {
+		m.pols[policy.PodRef{Namespace: np.Namespace, Name: np.Name}] = np
+		b.SetPolicy(&np)
+	}
+	gen := uint64(1)
+	snap, err := b.Build(gen)
+	if err != nil {
+		rt.Fatalf("Build: %v", err)
+	}
+	nextPod := cfg.maxPods
+	nextPolicy := cfg.maxPolicies
+	seed := rapid.Uint64().Draw(rt, "flowseed")
+	flows := max(cfg.flowsPerCheck/5, 100)
+	for step, n := 0, rapid.IntRange(1, 25).Draw(rt, "steps"); step < n; step++ {
+		var log []string
+		for range rapid.IntRange(1, 3).Draw(rt, "changes") {
+			refs := slices.SortedFunc(maps.Keys(m.pods), policy.PodRef.Compare)
+			op := rapid.IntRange(0, 23).Draw(rt, "op")
+			switch {
+			case op < 6 && len(refs) > 0: // a pod changes: labels, addresses, phase, ports, node
+				ref := rapid.SampledFrom(refs).Draw(rt, "pod")
+				p := drawPod(rt, cfg, 0)
+				p.Namespace, p.Name = ref.Namespace, ref.Name
+				m.pods[ref] = p
+				b.SetPod(&p)
+				log = append(log, "replace pod "+ref.String())
+			case op < 10 && len(refs) > 0: // only its labels change
+				ref := rapid.SampledFrom(refs).Draw(rt, "pod")
+				old := m.pods[ref]
+				p := *old.DeepCopy()
+				p.Labels = drawLabels(rt, "relabel")
+				m.pods[ref] = p
+				b.SetPod(&p)
+				log = append(log, "relabel pod "+ref.String())
+			case op < 14: // a new pod
+				p := drawPod(rt, cfg, nextPod)
+				nextPod++
+				ref := policy.PodRef{Namespace: p.Namespace, Name: p.Name}
+				m.pods[ref] = p
+				b.SetPod(&p)
+				log = append(log, "add pod "+ref.String())
+			case op < 18 && len(refs) > 0:
+				ref := rapid.SampledFrom(refs).Draw(rt, "pod")
+				delete(m.pods, ref)
+				b.DeletePod(ref.Namespace, ref.Name)
+				log = append(log, "delete pod "+ref.String())
+			case op < 23: // a policy is added, replaced or deleted
+				var podNS []string
+				for _, r := range refs {
+					podNS = append(podNS, r.Namespace)
+				}
+				pols := slices.SortedFunc(maps.Keys(m.pols), policy.PodRef.Compare)
+				if len(pols) > 0 && rapid.Bool().Draw(rt, "np.delete") {
+					ref := rapid.SampledFrom(pols).Draw(rt, "np")
+					delete(m.pols, ref)
+					b.DeletePolicy(ref.Namespace, ref.Name)
+					log = append(log, "delete policy "+ref.String())
+					break
+				}
+				np := drawPolicy(rt, cfg, nextPolicy, podNS)
+				nextPolicy++
+				ref := policy.PodRef{Namespace: np.Namespace, Name: np.Name}
+				m.pols[ref] = np
+				b.SetPolicy(&np)
+				log = append(log, "add policy "+ref.String())
+			default: // a namespace's labels change
+				name := rapid.SampledFrom(diffNamespaces).Draw(rt, "ns")
+				ns := corev1.Namespace{}
+				ns.Name, ns.Labels = name, drawLabels(rt, "ns.labels")
+				m.nss[name] = ns
+				b.SetNamespace(&ns)
+				log = append(log, "label namespace "+name)
+			}
+		}
+		// What the previous generation answers now, to hold it to it after the next Build.
+		prev := snap
+		r := rand.New(rand.NewPCG(seed, uint64(step)))
+		prevSt := m.state()
+		probe := clustergenFlows(r, prevSt, 64)
+		var before []policy.Verdict
+		var beforeEx []policy.Explanation
+		for _, f := range probe {
+			before = append(before, prev.Decide(f))
+			beforeEx = append(beforeEx, prev.Explain(f))
+		}
+		beforePods, beforeLocal := prev.Pods(), prev.LocalPodIPs()
+
+		gen++
+		patchedBefore, _ := b.Builds()
+		snap, err = b.Build(gen)
+		if err != nil {
+			rt.Fatalf("step %d (%v): Build: %v", step, log, err)
+		}
+		if patched, _ := b.Builds(); patched > patchedBefore {
+			builderPatched.Add(1)
+		}
+		builderSteps.Add(1)
+		if snap.Generation() != gen {
+			rt.Fatalf("step %d: Generation() = %d, want %d", step, snap.Generation(), gen)
+		}
+		st := m.state()
+		if got, want := len(b.State().Pods), len(st.Pods); got != want {
+			rt.Fatalf("step %d (%v): Builder.State has %d pods, want %d", step, log, got, want)
+		}
+		rt.Logf("step %d: %v", step, log)
+		diffCheck(rt, st, opt, snap, seed+uint64(step), flows)
+		for i, f := range probe {
+			if got := prev.Decide(f); got != before[i] {
+				rt.Fatalf("step %d (%v): the previous generation's verdict on %s -> %s %d/%s changed from %v to %v",
+					step, log, f.Src, f.Dst, f.Port, f.Proto, before[i], got)
+			}
+			if got := prev.Explain(f); !reflect.DeepEqual(got, beforeEx[i]) {
+				rt.Fatalf("step %d (%v): the previous generation's explanation of %s -> %s %d/%s changed from\n%+v\nto\n%+v",
+					step, log, f.Src, f.Dst, f.Port, f.Proto, beforeEx[i], got)
+			}
+		}
+		if got := prev.Pods(); !slices.Equal(got, beforePods) {
+			rt.Fatalf("step %d (%v): the previous generation's Pods() changed from %v to %v", step, log, beforePods, got)
+		}
+		if got := prev.LocalPodIPs(); !slices.Equal(got, beforeLocal) {
+			rt.Fatalf("step %d (%v): the previous generation's LocalPodIPs() changed from %v to %v", step, log, beforeLocal, got)
+		}
+	}
+}
+
+// clustergenFlows draws n flows between the state's pod addresses (and one outside address).
+func clustergenFlows(r *rand.Rand, st *policy.State, n int) []policy.Flow {
+	addrs := diffAddrs(st)
+	ports := diffPorts(st)
+	var out []policy.Flow
+	for range n {
+		out = append(out, diffFlow(r, addrs, addrs, ports))
+	}
+	return out
+}
+
+// BenchmarkChange measures one change applied to a live snapshot of the generated cluster of
+// BenchmarkCompile/policies=N (so the two compare line by line): a pod's labels (the change a
+// cluster makes most; alternately to another app and back, so every op does the same work), and
+// a policy replaced by a copy whose pod selector picks another app.
+func BenchmarkChange(b *testing.B) {
+	for _, kind := range []string{"pod", "policy"} {
+		for _, n := range []int{1000, 10000} {
+			b.Run(fmt.Sprintf("%s/policies=%d", kind, n), func(b *testing.B) {
+				c := benchClusterFor(b, n)
+				bl := policy.NewBuilder(policy.Options{})
+				for i := range c.st.Namespaces {
+					bl.SetNamespace(&c.st.Namespaces[i])
+				}
+				for i := range c.st.Pods {
+					bl.SetPod(&c.st.Pods[i])
+				}
+				for i := range c.st.Policies {
+					bl.SetPolicy(&c.st.Policies[i])
+				}
+				gen := uint64(1)
+				if _, err := bl.Build(gen); err != nil {
+					b.Fatal(err)
+				}
+				var change [2]func()
+				switch kind {
+				case "pod":
+					p := c.st.Pods[len(c.st.Pods)/2]
+					other := *p.DeepCopy()
+					other.Labels = maps.Clone(p.Labels)
+					other.Labels["app"] = other.Labels["app"] + "-moved"
+					change = [2]func(){func() { bl.SetPod(&other) }, func() { bl.SetPod(&p) }}
+				case "policy":
+					np := c.st.Policies[len(c.st.Policies)/2]
+					other := *np.DeepCopy()
+					other.Spec.PodSelector.MatchLabels = map[string]string{"app": "moved"}
+					change = [2]func(){func() { bl.SetPolicy(&other) }, func() { bl.SetPolicy(&np) }}
+				}
+				b.ReportAllocs()
+				cpu := startCPU()
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					change[i&1]()
+					gen++
+					if _, err := bl.Build(gen); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.StopTimer()
+				cpu.report(b)
+				patched, compiled := bl.Builds()
+				b.ReportMetric(float64(patched)/float64(patched+compiled), "patched/build")
+			})
+		}
+	}
+}
