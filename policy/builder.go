@@ -26,13 +26,12 @@ import (
 // policies, never reused) reaches a quarter of the live ones. Every Build's snapshot answers
 // exactly as Compile of State would (the differential tests hold it to that after every step).
 //
-// A Builder is not safe for concurrent use. It keeps the objects it is given, which must not
-// be modified afterwards (informer caches' objects never are).
+// A Builder is not safe for concurrent use. The objects it reads must not be modified once
+// handed over (informer caches' objects never are).
 type Builder struct {
 	opt  Options
-	pods map[PodRef]*corev1.Pod
-	nss  map[string]*corev1.Namespace
-	pols map[PodRef]*networkingv1.NetworkPolicy // namespace and name, as for pods
+	objs Objects
+	own  *memObjects // objs when the Builder keeps its own objects (NewBuilder)
 
 	changed    map[PodRef]struct{} // pods changed since snap
 	changedNPs map[PodRef]struct{} // policies changed since snap
@@ -51,81 +50,117 @@ type Builder struct {
 	patches, compiles int
 }
 
-// NewBuilder returns an empty Builder whose snapshots are compiled with opt (its Generation is
-// ignored: Build takes one).
+// Objects is where a Builder reads the cluster's objects: one pod or policy by namespace and
+// name when it patches, all of them (State) when it compiles everything. An informer's cache is
+// one; a Builder made by NewBuilder keeps its own.
+type Objects interface {
+	Pod(ref PodRef) *corev1.Pod // nil when there is none
+	Policy(ref PodRef) *networkingv1.NetworkPolicy
+	State() *State
+}
+
+// NewBuilder returns an empty Builder that keeps its own objects, changed with SetPod and the
+// others. Its snapshots are compiled with opt (its Generation is ignored: Build takes one).
 func NewBuilder(opt Options) *Builder {
+	own := &memObjects{
+		pods: make(map[PodRef]*corev1.Pod),
+		nss:  make(map[string]*corev1.Namespace),
+		pols: make(map[PodRef]*networkingv1.NetworkPolicy),
+	}
+	b := NewBuilderOn(opt, own)
+	b.own = own
+	return b
+}
+
+// NewBuilderOn returns a Builder that reads objs, told of each change by PodChanged,
+// PolicyChanged and NamespaceChanged.
+func NewBuilderOn(opt Options, objs Objects) *Builder {
 	return &Builder{
 		opt:        opt,
-		pods:       make(map[PodRef]*corev1.Pod),
-		nss:        make(map[string]*corev1.Namespace),
-		pols:       make(map[PodRef]*networkingv1.NetworkPolicy),
+		objs:       objs,
 		changed:    make(map[PodRef]struct{}),
 		changedNPs: make(map[PodRef]struct{}),
 		full:       true,
 	}
 }
 
-// SetPod adds or replaces a pod.
+// PodChanged says the pod namespace/name was added, changed or deleted in the Builder's Objects.
+func (b *Builder) PodChanged(namespace, name string) {
+	b.changed[PodRef{Namespace: namespace, Name: name}] = struct{}{}
+}
+
+// PolicyChanged says the NetworkPolicy namespace/name was added, changed or deleted.
+func (b *Builder) PolicyChanged(namespace, name string) {
+	b.changedNPs[PodRef{Namespace: namespace, Name: name}] = struct{}{}
+}
+
+// NamespaceChanged says a namespace was added, changed or deleted.
+func (b *Builder) NamespaceChanged() { b.full = true }
+
+// SetPod adds or replaces a pod of a Builder made by NewBuilder.
 func (b *Builder) SetPod(p *corev1.Pod) {
-	ref := PodRef{Namespace: p.Namespace, Name: p.Name}
-	b.pods[ref] = p
-	b.changed[ref] = struct{}{}
+	b.own.pods[PodRef{Namespace: p.Namespace, Name: p.Name}] = p
+	b.PodChanged(p.Namespace, p.Name)
 }
 
-// DeletePod removes a pod; an unknown one is no change.
+// DeletePod removes a pod of a Builder made by NewBuilder.
 func (b *Builder) DeletePod(namespace, name string) {
-	ref := PodRef{Namespace: namespace, Name: name}
-	if _, ok := b.pods[ref]; !ok {
-		return
-	}
-	delete(b.pods, ref)
-	b.changed[ref] = struct{}{}
+	delete(b.own.pods, PodRef{Namespace: namespace, Name: name})
+	b.PodChanged(namespace, name)
 }
 
-// SetNamespace adds or replaces a namespace.
+// SetNamespace adds or replaces a namespace of a Builder made by NewBuilder.
 func (b *Builder) SetNamespace(ns *corev1.Namespace) {
-	b.nss[ns.Name] = ns
-	b.full = true
+	b.own.nss[ns.Name] = ns
+	b.NamespaceChanged()
 }
 
-// DeleteNamespace removes a namespace.
+// DeleteNamespace removes a namespace of a Builder made by NewBuilder.
 func (b *Builder) DeleteNamespace(name string) {
-	delete(b.nss, name)
-	b.full = true
+	delete(b.own.nss, name)
+	b.NamespaceChanged()
 }
 
-// SetPolicy adds or replaces a NetworkPolicy.
+// SetPolicy adds or replaces a NetworkPolicy of a Builder made by NewBuilder.
 func (b *Builder) SetPolicy(np *networkingv1.NetworkPolicy) {
-	ref := PodRef{Namespace: np.Namespace, Name: np.Name}
-	b.pols[ref] = np
-	b.changedNPs[ref] = struct{}{}
+	b.own.pols[PodRef{Namespace: np.Namespace, Name: np.Name}] = np
+	b.PolicyChanged(np.Namespace, np.Name)
 }
 
-// DeletePolicy removes a NetworkPolicy.
+// DeletePolicy removes a NetworkPolicy of a Builder made by NewBuilder.
 func (b *Builder) DeletePolicy(namespace, name string) {
-	ref := PodRef{Namespace: namespace, Name: name}
-	if _, ok := b.pols[ref]; !ok {
-		return
-	}
-	delete(b.pols, ref)
-	b.changedNPs[ref] = struct{}{}
+	delete(b.own.pols, PodRef{Namespace: namespace, Name: name})
+	b.PolicyChanged(namespace, name)
 }
 
-// State is the Builder's objects, each list in (namespace, name) order. It shares the objects.
-func (b *Builder) State() *State {
+// State is the objects the Builder reads.
+func (b *Builder) State() *State { return b.objs.State() }
+
+// memObjects is the objects of a Builder made by NewBuilder.
+type memObjects struct {
+	pods map[PodRef]*corev1.Pod
+	nss  map[string]*corev1.Namespace
+	pols map[PodRef]*networkingv1.NetworkPolicy // namespace and name, as for pods
+}
+
+func (m *memObjects) Pod(ref PodRef) *corev1.Pod                    { return m.pods[ref] }
+func (m *memObjects) Policy(ref PodRef) *networkingv1.NetworkPolicy { return m.pols[ref] }
+
+// State lists the objects, each list in (namespace, name) order, sharing them.
+func (m *memObjects) State() *State {
 	st := &State{
-		Namespaces: make([]corev1.Namespace, 0, len(b.nss)),
-		Pods:       make([]corev1.Pod, 0, len(b.pods)),
-		Policies:   make([]networkingv1.NetworkPolicy, 0, len(b.pols)),
+		Namespaces: make([]corev1.Namespace, 0, len(m.nss)),
+		Pods:       make([]corev1.Pod, 0, len(m.pods)),
+		Policies:   make([]networkingv1.NetworkPolicy, 0, len(m.pols)),
 	}
-	for _, name := range slices.Sorted(maps.Keys(b.nss)) {
-		st.Namespaces = append(st.Namespaces, *b.nss[name])
+	for _, name := range slices.Sorted(maps.Keys(m.nss)) {
+		st.Namespaces = append(st.Namespaces, *m.nss[name])
 	}
-	for _, ref := range slices.SortedFunc(maps.Keys(b.pods), PodRef.Compare) {
-		st.Pods = append(st.Pods, *b.pods[ref])
+	for _, ref := range slices.SortedFunc(maps.Keys(m.pods), PodRef.Compare) {
+		st.Pods = append(st.Pods, *m.pods[ref])
 	}
-	for _, ref := range slices.SortedFunc(maps.Keys(b.pols), PodRef.Compare) {
-		st.Policies = append(st.Policies, *b.pols[ref])
+	for _, ref := range slices.SortedFunc(maps.Keys(m.pols), PodRef.Compare) {
+		st.Policies = append(st.Policies, *m.pols[ref])
 	}
 	return st
 }
@@ -271,7 +306,7 @@ func (b *Builder) patch(opt Options) (*Snapshot, bool) {
 // again.
 func (p *patcher) policy(ref PodRef) bool {
 	b, c, s := p.b, p.c, p.s
-	np := b.pols[ref]
+	np := b.objs.Policy(ref)
 	var sels []labels.Selector
 	if oi, had := b.polIDs[ref]; had {
 		sels = append(sels, c.selected[oi].sel)
@@ -341,7 +376,7 @@ func (p *patcher) isolate(id podID) {
 
 func (p *patcher) pod(ref PodRef) bool {
 	b, c, s := p.b, p.c, p.s
-	obj := b.pods[ref]
+	obj := b.objs.Pod(ref)
 	in := obj != nil && Participates(obj)
 	if _, known := c.nsLabels[ref.Namespace]; in && !known {
 		return false

@@ -4,8 +4,10 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"os"
 	"reflect"
 	"slices"
+	"strconv"
 	"sync/atomic"
 	"testing"
 
@@ -24,14 +26,28 @@ import (
 
 var builderSteps, builderPatched atomic.Int64
 
+// `go test` runs 100 random sequences on small and 100 on large clusters; SLUICE_DIFF_FLOWS=N
+// (the long mode of TestDifferential) goes on until N flows were checked.
 func TestBuilderDifferential(t *testing.T) {
 	builderSteps.Store(0)
 	builderPatched.Store(0)
-	for _, cfg := range []*diffConfig{diffSmall, diffLarge} {
-		rapid.Check(t, func(rt *rapid.T) { builderProperty(rt, cfg) })
+	flows0 := diffFlowsChecked.Load()
+	var target int64
+	if v := os.Getenv("SLUICE_DIFF_FLOWS"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n <= 0 {
+			t.Fatalf("SLUICE_DIFF_FLOWS=%q: want a positive number of flows", v)
+		}
+		target = n
+	}
+	for first := true; first || (!t.Failed() && diffFlowsChecked.Load()-flows0 < target); first = false {
+		for _, cfg := range []*diffConfig{diffSmall, diffLarge} {
+			rapid.Check(t, func(rt *rapid.T) { builderProperty(rt, cfg) })
+		}
 	}
 	steps, patched := builderSteps.Load(), builderPatched.Load()
-	t.Logf("builder: %d builds after random changes checked against the reference, %d of them patches", steps, patched)
+	t.Logf("builder: %d builds after random changes checked against the reference (%d flows), %d of them patches",
+		steps, diffFlowsChecked.Load()-flows0, patched)
 	// Most steps change pods only; if they all compiled everything the patch path went untested.
 	if !t.Failed() && patched*2 < steps {
 		t.Fatalf("only %d of %d builds patched the last snapshot", patched, steps)

@@ -51,7 +51,7 @@ type Stats struct {
 	LocalPods  int `json:"localPods"`
 	Policies   int `json:"policies"`
 	Rules      int `json:"rules"`
-	PeerSets   int `json:"peerSets"` // distinct peer selectors resolved to pod sets
+	PeerSets   int `json:"peerSets"` // distinct peer selectors resolved to pod sets (after a Builder's patches, also those only replaced policies used, until its next full compile)
 	Invalid    int `json:"invalid"`  // policies that did not compile, isolating only (Options.IsolateInvalid)
 }
 
