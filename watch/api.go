@@ -52,7 +52,10 @@ type APISource struct {
 	ready atomic.Bool
 
 	mu        sync.Mutex
-	dirtyAt   time.Time // when the oldest change not yet compiled was seen; zero when none
+	dirtyAt   time.Time           // when the oldest change not yet built was seen; zero when none
+	dirtyPods map[string]struct{} // namespace/name of the pods changed since the last build
+	dirtyPols map[string]struct{} // likewise for policies
+	dirtyNS   bool                // some namespace changed
 	kick      chan struct{}
 	unhealthy map[string]error  // resource -> last list/watch error, while it lasts
 	badSeen   map[string]string // policy key -> resourceVersion already reported as invalid
@@ -79,6 +82,8 @@ func NewAPISource(cfg *rest.Config, opt policy.Options, log *slog.Logger, deboun
 	return &APISource{
 		cfg: cfg, opt: opt, log: log.With("source", "api"), debounce: debounce,
 		kick:      make(chan struct{}, 1),
+		dirtyPods: make(map[string]struct{}),
+		dirtyPols: make(map[string]struct{}),
 		unhealthy: make(map[string]error),
 		badSeen:   make(map[string]string),
 	}
@@ -131,7 +136,18 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 		"namespaces", len(s.nss.GetStore().ListKeys()), "networkpolicies", len(s.pols.GetStore().ListKeys()))
 
 	pub := newPublisher("api", s.opt, s.log)
+	// The Builder patches the last snapshot for pod and policy changes, reading the informers'
+	// caches; the first build compiles everything.
+	b := policy.NewBuilderOn(s.opt, apiObjects{s})
 	var store *persister
+	// persistC fires when the state of the snapshot in force has not been offered to the
+	// persister yet and it may write again: building the state of a large cluster allocates
+	// a copy of every pod, which only the writes that happen need.
+	var persistC <-chan time.Time
+	offer := func(gen uint64) {
+		store.offer(b.State(), gen)
+		persistC = nil
+	}
 	if s.Persist.Path != "" {
 		store = newPersister(s.Persist, s.log)
 		// Its own context: the last write happens after ctx is done, and Run waits for it.
@@ -139,26 +155,35 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 		go store.run(storeCtx)
 		defer func() { stop(); <-store.done }()
 	}
+	var last time.Time // when the last build started
 	first := true
 	for {
 		if !first {
 			select {
 			case <-ctx.Done():
+				if persistC != nil {
+					offer(pub.gen)
+				}
 				return nil
+			case <-persistC:
+				offer(pub.gen)
+				continue
 			case <-s.kick:
 			}
-			// Gather the rest of the burst: one compile per window bounds the delay of the first
-			// change to about one window plus a compile, however long the churn lasts.
-			t := time.NewTimer(s.debounce)
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return nil
-			case <-t.C:
+			// Idle, the change is built at once; under churn, at most one build per debounce
+			// window, which bounds the delay of any change to a window plus a build.
+			if wait := nextBuildWait(time.Now(), last, s.debounce); wait > 0 {
+				t := time.NewTimer(wait)
+				select {
+				case <-ctx.Done():
+					t.Stop()
+					return nil
+				case <-t.C:
+				}
 			}
 		}
 		// Drain the wake-up before taking the changes: a change that lands in between is then
-		// either in this compile or wakes the next one, never lost and never mis-timed.
+		// either in this build or wakes the next one, never lost and never mis-timed.
 		select {
 		case <-s.kick:
 		default:
@@ -166,17 +191,34 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 		s.mu.Lock()
 		at := s.dirtyAt
 		s.dirtyAt = time.Time{}
+		pods, pols, nss := s.dirtyPods, s.dirtyPols, s.dirtyNS
+		s.dirtyPods, s.dirtyPols, s.dirtyNS = make(map[string]struct{}), make(map[string]struct{}), false
 		s.mu.Unlock()
+		for k := range pods {
+			ns, name, _ := cache.SplitMetaNamespaceKey(k)
+			b.PodChanged(ns, name)
+		}
+		for k := range pols {
+			ns, name, _ := cache.SplitMetaNamespaceKey(k)
+			b.PolicyChanged(ns, name)
+		}
+		if nss {
+			b.NamespaceChanged()
+		}
 
-		st := s.state()
-		snap, err := s.compile(pub, st)
+		last = time.Now()
+		snap, err := s.build(pub, b)
 		if err != nil {
 			s.log.Error("cluster state does not compile; the last snapshot stays in force", "err", err, "generation", pub.gen)
 			continue
 		}
 		publish(snap)
 		if store != nil {
-			store.offer(st, snap.Generation())
+			if wait := store.wait(); wait <= 0 {
+				offer(snap.Generation())
+			} else if persistC == nil {
+				persistC = time.After(wait)
+			}
 		}
 		if first {
 			pub.published(snap, time.Time{})
@@ -187,6 +229,44 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 		}
 	}
 }
+
+// nextBuildWait is how long to wait before building after a change seen at now, the last
+// build having started at last: nothing when the source was idle for a debounce window,
+// else the rest of the window.
+func nextBuildWait(now, last time.Time, debounce time.Duration) time.Duration {
+	if last.IsZero() {
+		return 0
+	}
+	return max(0, last.Add(debounce).Sub(now))
+}
+
+// apiObjects is what a Builder reads of the informers' caches. Their objects are shared with
+// the informers, so they are only read.
+type apiObjects struct{ s *APISource }
+
+func (o apiObjects) Pod(ref policy.PodRef) *corev1.Pod {
+	obj, ok, _ := o.s.pods.GetStore().GetByKey(ref.Namespace + "/" + ref.Name)
+	if !ok {
+		return nil
+	}
+	cp, ok := obj.(*cachedPod)
+	if !ok {
+		return nil
+	}
+	p := cp.pod()
+	return &p
+}
+
+func (o apiObjects) Policy(ref policy.PodRef) *networkingv1.NetworkPolicy {
+	obj, ok, _ := o.s.pols.GetStore().GetByKey(ref.Namespace + "/" + ref.Name)
+	if !ok {
+		return nil
+	}
+	np, _ := obj.(*networkingv1.NetworkPolicy)
+	return np
+}
+
+func (o apiObjects) State() *policy.State { return o.s.state() }
 
 // setup builds the three informers, each on a list/watch wrapper that records health.
 func (s *APISource) setup(client kubernetes.Interface) error {
@@ -219,15 +299,16 @@ func (s *APISource) setup(client kubernetes.Interface) error {
 		if err := inf.SetTransform(trim); err != nil {
 			return err
 		}
+		dirty := func(obj any) { s.changed(inf, obj) }
 		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc: func(any) { s.changed() },
+			AddFunc: dirty,
 			UpdateFunc: func(old, cur any) {
 				if !relevantChange(old, cur) {
 					return
 				}
-				s.changed()
+				dirty(cur)
 			},
-			DeleteFunc: func(any) { s.changed() },
+			DeleteFunc: dirty,
 		}); err != nil {
 			return err
 		}
@@ -294,10 +375,24 @@ func (s *APISource) health(ctx context.Context, resource string, err error) {
 	}
 }
 
-// changed records that the state changed now and wakes the compile loop.
-func (s *APISource) changed() {
+// changed records that obj of informer inf changed now and wakes the build loop.
+func (s *APISource) changed(inf cache.SharedIndexInformer, obj any) {
 	now := time.Now()
+	// A deletion may hand over a tombstone; its key is the object's.
+	key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
 	s.mu.Lock()
+	switch {
+	case inf == s.nss:
+		s.dirtyNS = true
+	case err != nil:
+		// An object without a key cannot be found again: build everything from the caches.
+		s.log.Warn("a changed object has no namespace/name key; compiling everything", "err", err)
+		s.dirtyNS = true
+	case inf == s.pods:
+		s.dirtyPods[key] = struct{}{}
+	case inf == s.pols:
+		s.dirtyPols[key] = struct{}{}
+	}
 	if s.dirtyAt.IsZero() {
 		s.dirtyAt = now
 	}
@@ -332,10 +427,34 @@ func (s *APISource) state() *policy.State {
 	return st
 }
 
-// compile compiles st, isolating the policies that do not compile (see APISource) and
-// reporting each once per version of the object.
+// build builds the next snapshot with b, isolating the policies that do not compile (see
+// APISource) and reporting each once per version of the object.
+func (s *APISource) build(pub *publisher, b *policy.Builder) (*policy.Snapshot, error) {
+	snap, err := pub.build(b)
+	return s.accept(snap, err, func(key string) string {
+		if np := (apiObjects{s}).policyByKey(key); np != nil {
+			return np.ResourceVersion
+		}
+		return ""
+	})
+}
+
+// compile is build for a whole state.
 func (s *APISource) compile(pub *publisher, st *policy.State) (*policy.Snapshot, error) {
 	snap, err := pub.compile(st)
+	return s.accept(snap, err, func(key string) string {
+		for i := range st.Policies {
+			if st.Policies[i].Namespace+"/"+st.Policies[i].Name == key {
+				return st.Policies[i].ResourceVersion
+			}
+		}
+		return ""
+	})
+}
+
+// accept reports the policies of a CompileError that came with snap; version gives a policy's
+// resourceVersion by namespace/name.
+func (s *APISource) accept(snap *policy.Snapshot, err error, version func(key string) string) (*policy.Snapshot, error) {
 	var ce *policy.CompileError
 	if err != nil && (snap == nil || !errors.As(err, &ce)) {
 		return nil, err
@@ -344,29 +463,28 @@ func (s *APISource) compile(pub *publisher, st *policy.State) (*policy.Snapshot,
 	if ce != nil {
 		bad = ce.Policies
 	}
-	s.reportBad(st.Policies, bad)
+	s.reportBad(version, bad)
 	return snap, nil
+}
+
+func (o apiObjects) policyByKey(key string) *networkingv1.NetworkPolicy {
+	ns, name, _ := cache.SplitMetaNamespaceKey(key)
+	return o.Policy(policy.PodRef{Namespace: ns, Name: name})
 }
 
 // reportBad logs each policy of bad whose version was not reported yet, and each policy reported
 // before that compiles now (fixed or deleted).
-func (s *APISource) reportBad(pols []networkingv1.NetworkPolicy, bad []policy.PolicyError) {
+func (s *APISource) reportBad(version func(key string) string, bad []policy.PolicyError) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(bad) == 0 && len(s.badSeen) == 0 {
 		return
 	}
-	version := make(map[string]string, len(bad))
-	if len(bad) > 0 {
-		for i := range pols {
-			version[pols[i].Namespace+"/"+pols[i].Name] = pols[i].ResourceVersion
-		}
-	}
 	now := make(map[string]bool, len(bad))
 	for i := range bad {
 		b := &bad[i]
 		now[b.Policy] = true
-		rv := version[b.Policy]
+		rv := version(b.Policy)
 		if seen, ok := s.badSeen[b.Policy]; ok && seen == rv {
 			continue // reported already; the object has not changed
 		}

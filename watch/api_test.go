@@ -3,13 +3,18 @@ package watch
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -58,6 +63,12 @@ func (f *inForce) publishedAt(gen uint64) time.Time {
 // time from since to the publication of the first snapshot that does.
 func (f *inForce) waitDecision(t *testing.T, what string, since time.Time, fl policy.Flow, want bool) time.Duration {
 	t.Helper()
+	return f.waitDecisionQuiet(t, what, since, fl, want, false)
+}
+
+// waitDecisionQuiet is waitDecision, logging the outcome unless quiet.
+func (f *inForce) waitDecisionQuiet(t *testing.T, what string, since time.Time, fl policy.Flow, want, quiet bool) time.Duration {
+	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		if s := f.cur.Load(); s != nil {
@@ -66,7 +77,9 @@ func (f *inForce) waitDecision(t *testing.T, what string, since time.Time, fl po
 				if d < 0 { // the snapshot was already right before the change (should not happen)
 					t.Errorf("%s: decision was already %v before the change", what, want)
 				}
-				t.Logf("%-48s -> allowed=%-5v in force after %v (generation %d)", what, want, d.Round(time.Millisecond), s.Generation())
+				if !quiet {
+					t.Logf("%-48s -> allowed=%-5v in force after %v (generation %d)", what, want, d.Round(time.Millisecond), s.Generation())
+				}
 				return d
 			}
 		}
@@ -313,17 +326,33 @@ func TestAPISourceAgainstRealAPIServer(t *testing.T) {
 
 func ptr[T any](v T) *T { return &v }
 
-// TestAPISourceScale creates many pods through the API server and reports the memory the source
-// holds and the propagation time of one change at that size. SLUICE_SCALE_PODS sets the count
-// (default 2000 so that `make test` stays quick; the note's figures used more).
+// TestAPISourceScale creates many pods and policies through the API server and reports the
+// memory the source holds, the bytes and time to its first snapshot, the propagation of label
+// changes (API call -> snapshot in force) idle and under a sustained churn of pod changes, and
+// the source's CPU during that churn. The counts are settable (defaults keep `make test`
+// quick; the README's figures used SLUICE_SCALE_PODS=100000 SLUICE_SCALE_POLICIES=10000
+// SLUICE_SCALE_CHANGES=200 SLUICE_SCALE_CHURN_SECONDS=30):
+//
+//	SLUICE_SCALE_PODS           pods (default 2000, at most 100000)
+//	SLUICE_SCALE_POLICIES       policies (default and least 60: the probe's three per namespace)
+//	SLUICE_SCALE_CHANGES        idle label changes measured (default 6)
+//	SLUICE_SCALE_CHURN_SECONDS  seconds of 100 pod changes per second (default 2)
 func TestAPISourceScale(t *testing.T) {
-	n := 2000
-	if v := os.Getenv("SLUICE_SCALE_PODS"); v != "" {
-		var err error
-		if n, err = strconv.Atoi(v); err != nil || n < 1 || n > 100000 {
-			t.Fatalf("SLUICE_SCALE_PODS=%q: want a count between 1 and 100000", v)
+	setting := func(name string, def, lo, hi int) int {
+		v := os.Getenv(name)
+		if v == "" {
+			return def
 		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n < lo || n > hi {
+			t.Fatalf("%s=%q: want a count between %d and %d", name, v, lo, hi)
+		}
+		return n
 	}
+	n := setting("SLUICE_SCALE_PODS", 2000, 1, 100000)
+	nPolicies := setting("SLUICE_SCALE_POLICIES", 60, 60, 20000)
+	nChanges := setting("SLUICE_SCALE_CHANGES", 6, 2, 10000)
+	churnFor := time.Duration(setting("SLUICE_SCALE_CHURN_SECONDS", 2, 0, 600)) * time.Second
 	env := kubetest.Start(t)
 	c := env.Client
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
@@ -390,6 +419,39 @@ func TestAPISourceScale(t *testing.T) {
 			}
 		}
 	}
+	// The rest: each isolates one app of its namespace for ingress from one team's pods.
+	// None selects the probe's pods (app-0, app-6) or admits pod-6's team... apps 0 and 6 are
+	// left out so that the probe's verdicts stay those of the three tier policies.
+	createPolicies(t, ctx, c, nPolicies-3*namespaces, func(i int) *networkingv1.NetworkPolicy {
+		app := 1 + i%38
+		if app >= 6 {
+			app++
+		}
+		return &networkingv1.NetworkPolicy{
+			ObjectMeta: metav1.ObjectMeta{Namespace: fmt.Sprintf("ns-%d", i%namespaces), Name: fmt.Sprintf("extra-%d", i)},
+			Spec: networkingv1.NetworkPolicySpec{
+				PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": fmt.Sprintf("app-%d", app)}},
+				Ingress: []networkingv1.NetworkPolicyIngressRule{{
+					From:  []networkingv1.NetworkPolicyPeer{{NamespaceSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"team": fmt.Sprintf("t%d", i%5)}}}},
+					Ports: []networkingv1.NetworkPolicyPort{{Port: ptr(intstr.FromInt32(int32(8000 + i%100)))}},
+				}},
+			},
+		}
+	})
+
+	// The churn the source will see, first without it: what the test process itself spends
+	// making 100 changes per second is then taken off the figure measured with the source.
+	churnCPU := func(what string) time.Duration {
+		if churnFor == 0 {
+			return 0
+		}
+		cpu0, t0 := processCPU(), time.Now()
+		made := churn(t, ctx, c, n, namespaces, churnFor, nil)
+		cpu := processCPU() - cpu0
+		t.Logf("churn %s: %d pod label changes in %v, test process CPU %v", what, made, time.Since(t0).Round(time.Millisecond), cpu.Round(time.Millisecond))
+		return cpu
+	}
+	controlCPU := churnCPU("without the source (control)")
 
 	heap := func() uint64 {
 		runtime.GC()
@@ -399,7 +461,13 @@ func TestAPISourceScale(t *testing.T) {
 		return ms.HeapAlloc
 	}
 	before := heap()
-	src := NewAPISource(env.Config, policy.Options{Node: "node-0"}, testLogger(t), 100*time.Millisecond)
+	cfg := *env.Config
+	var received atomic.Int64
+	var lists, watchLists atomic.Int64
+	cfg.Wrap(func(rt http.RoundTripper) http.RoundTripper {
+		return &countingTransport{rt: rt, bytes: &received, lists: &lists, watchLists: &watchLists}
+	})
+	src := NewAPISource(&cfg, policy.Options{Node: "node-0"}, testLogger(t), 100*time.Millisecond)
 	var f inForce
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
@@ -420,8 +488,9 @@ func TestAPISourceScale(t *testing.T) {
 	}
 	after := heap()
 	runtime.KeepAlive(src)
-	t.Logf("pods=%d: list+first snapshot %v; heap held by the source (informer caches + snapshot) %.1f MiB (%.0f bytes/pod); snapshot %+v",
-		n, syncTime.Round(time.Millisecond), float64(after-before)/(1<<20), float64(after-before)/float64(n), st)
+	t.Logf("pods=%d policies=%d: list+first snapshot %v, %.1f MiB received (%d lists, %d streaming watch-lists); heap held by the source (informer caches + snapshot + builder) %.1f MiB (%.0f bytes/pod); snapshot %+v",
+		n, nPolicies, syncTime.Round(time.Millisecond), float64(received.Load())/(1<<20), lists.Load(), watchLists.Load(),
+		float64(after-before)/(1<<20), float64(after-before)/float64(n), st)
 
 	// Probe: pod-6 (ns-6, team t1, tier web) -> pod-0 (ns-0, node-0, local, tier web) on http is
 	// allowed by policy ns-0/web; relabelling pod-6 away from tier web denies it, and back.
@@ -433,21 +502,41 @@ func TestAPISourceScale(t *testing.T) {
 		t.Fatalf("pod-6 -> pod-0:8080 before the changes: %v, want allowed by rule", v)
 	}
 	histBefore := histogram(metricPropagation.WithLabelValues("api").(prometheus.Metric))
-	var props []time.Duration
-	for _, tier := range []string{"api", "web", "api", "web"} {
+	buildsBefore := histogram(metricCompile.WithLabelValues("api").(prometheus.Metric)).GetSampleCount()
+	probe := func(i int, quiet bool) time.Duration {
+		tier := []string{"api", "web"}[i%2]
 		at := patch(t, ctx, func() error {
 			_, err := c.CoreV1().Pods("ns-6").Patch(ctx, "pod-6", types.MergePatchType, mergePatch(`{"metadata":{"labels":{"tier":"`+tier+`"}}}`), metav1.PatchOptions{})
 			return err
 		})
-		props = append(props, f.waitDecision(t, fmt.Sprintf("scale %d pods: pod-6 tier=%s", n, tier), at, fl, tier == "web"))
+		return f.waitDecisionQuiet(t, fmt.Sprintf("scale %d pods: pod-6 tier=%s", n, tier), at, fl, tier == "web", quiet)
 	}
-	var sum, maxd time.Duration
-	for _, d := range props {
-		sum += d
-		maxd = max(maxd, d)
+	// Idle: each change comes after the debounce window of the last build has passed.
+	var props []time.Duration
+	for i := range nChanges {
+		props = append(props, probe(i, i >= 4))
+		time.Sleep(150 * time.Millisecond)
 	}
-	t.Logf("pods=%d: propagation (API call -> snapshot in force) over %d label changes: mean %v, max %v (debounce 100ms)",
-		n, len(props), (sum / time.Duration(len(props))).Round(time.Millisecond), maxd.Round(time.Millisecond))
+	t.Logf("pods=%d policies=%d: propagation (API call -> snapshot in force) of %d label changes, idle: %s (debounce 100ms, adaptive)",
+		n, nPolicies, len(props), percentiles(props))
+
+	// Under churn: 100 pod changes per second from another goroutine, the probe in between.
+	if churnFor > 0 {
+		var churnProps []time.Duration
+		cpu0 := processCPU()
+		made := churn(t, ctx, c, n, namespaces, churnFor, func(i int) { churnProps = append(churnProps, probe(i, true)) })
+		cpu := processCPU() - cpu0
+		source := cpu - controlCPU
+		t.Logf("pods=%d policies=%d: churn of %d pod label changes in %v: propagation of %d probe changes during it %s; test process CPU %v, %v more than the control: the source's CPU is %.1f%% of one core",
+			n, nPolicies, made, churnFor, len(churnProps), percentiles(churnProps), cpu.Round(time.Millisecond), source.Round(time.Millisecond),
+			100*source.Seconds()/churnFor.Seconds())
+		if got := f.cur.Load().Stats().Pods; got != n {
+			t.Errorf("after the churn the snapshot has %d pods, want %d", got, n)
+		}
+	}
+	if cs := histogram(metricCompile.WithLabelValues("api").(prometheus.Metric)); cs.GetSampleCount() > buildsBefore {
+		t.Logf("builds since the first snapshot: %d (sluice_watch_builds_total: %s)", cs.GetSampleCount()-buildsBefore, buildKinds())
+	}
 	h := histogram(metricPropagation.WithLabelValues("api").(prometheus.Metric))
 	if cnt := h.GetSampleCount() - histBefore.GetSampleCount(); cnt > 0 {
 		t.Logf("pods=%d: sluice_watch_propagation_seconds (informer event -> published): %d samples, mean %v",
@@ -466,4 +555,167 @@ func histogram(m prometheus.Metric) *dto.Histogram {
 		panic(err)
 	}
 	return out.Histogram
+}
+
+// createPolicies creates n policies made by mk, 16 at a time.
+func createPolicies(t *testing.T, ctx context.Context, c kubernetes.Interface, n int, mk func(int) *networkingv1.NetworkPolicy) {
+	t.Helper()
+	if n <= 0 {
+		return
+	}
+	var wg sync.WaitGroup
+	var next atomic.Int64
+	errs := make(chan error, 16)
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				np := mk(i)
+				if _, err := c.NetworkingV1().NetworkPolicies(np.Namespace).Create(ctx, np, metav1.CreateOptions{}); err != nil {
+					select {
+					case errs <- err:
+					default:
+					}
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// churn changes the "churn" label of pods other than the probe's (pod-0, pod-6), 100 times per
+// second for d, from 8 goroutines; between, when probe is set, it runs probe(i) for i = 0, 1...
+// from the calling goroutine. It returns the number of changes made.
+func churn(t *testing.T, ctx context.Context, c kubernetes.Interface, pods, namespaces int, d time.Duration, probe func(int)) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	ticks := make(chan int, 100)
+	var wg sync.WaitGroup
+	var made atomic.Int64
+	var failed atomic.Value
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range ticks {
+				i := 1 + (k*7919)%(pods-1)
+				if i == 6 {
+					i = 7 % pods
+				}
+				body := fmt.Sprintf(`{"metadata":{"labels":{"churn":"c%d"}}}`, k%3)
+				_, err := c.CoreV1().Pods(fmt.Sprintf("ns-%d", i%namespaces)).Patch(context.Background(), fmt.Sprintf("pod-%d", i), types.MergePatchType, []byte(body), metav1.PatchOptions{})
+				if err != nil {
+					failed.Store(err)
+					continue
+				}
+				made.Add(1)
+			}
+		}()
+	}
+	go func() {
+		defer close(ticks)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for k := 0; ; k++ {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				select {
+				case ticks <- k:
+				default: // the API server is slower than 100/s: the count says so
+				}
+			}
+		}
+	}()
+	if probe != nil {
+		for i := 0; ctx.Err() == nil; i++ {
+			probe(i)
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	<-ctx.Done()
+	wg.Wait()
+	if err, ok := failed.Load().(error); ok {
+		t.Fatalf("churn: %v", err)
+	}
+	return int(made.Load())
+}
+
+// percentiles summarises durations: p50, p99, max.
+func percentiles(ds []time.Duration) string {
+	if len(ds) == 0 {
+		return "no samples"
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	at := func(q float64) time.Duration { return s[min(len(s)-1, int(q*float64(len(s))))] }
+	return fmt.Sprintf("p50 %v, p99 %v, max %v (n=%d)", at(0.5).Round(time.Millisecond), at(0.99).Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond), len(s))
+}
+
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// countingTransport counts the bytes of response bodies, the list requests and the watch
+// requests that ask for the initial state as events (client-go's streaming watch-list).
+type countingTransport struct {
+	rt                http.RoundTripper
+	bytes             *atomic.Int64
+	lists, watchLists *atomic.Int64
+}
+
+func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	q := r.URL.Query()
+	switch {
+	case q.Get("watch") == "true" || q.Get("watch") == "1":
+		if q.Get("sendInitialEvents") == "true" {
+			c.watchLists.Add(1)
+		}
+	case r.Method == http.MethodGet:
+		c.lists.Add(1)
+	}
+	resp, err := c.rt.RoundTrip(r)
+	if err == nil && resp.Body != nil {
+		resp.Body = &countingBody{ReadCloser: resp.Body, n: c.bytes}
+	}
+	return resp, err
+}
+
+type countingBody struct {
+	io.ReadCloser
+	n *atomic.Int64
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.n.Add(int64(n))
+	return n, err
+}
+
+// buildKinds reads sluice_watch_builds_total of the API source.
+func buildKinds() string {
+	var out []string
+	for _, kind := range []string{"patch", "compile"} {
+		var m dto.Metric
+		if err := metricBuilds.WithLabelValues("api", kind).(prometheus.Metric).Write(&m); err == nil {
+			out = append(out, fmt.Sprintf("%s %.0f", kind, m.GetCounter().GetValue()))
+		}
+	}
+	return strings.Join(out, ", ")
 }

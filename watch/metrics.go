@@ -18,9 +18,13 @@ var (
 	}, []string{"source"})
 	metricCompile = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "sluice_watch_compile_seconds",
-		Help:    "Time spent in policy.Compile for one snapshot.",
+		Help:    "Time spent building one snapshot: a full compile, or a patch of the last one (see sluice_watch_builds_total).",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
 	}, []string{"source"})
+	metricBuilds = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_watch_builds_total",
+		Help: "Snapshots built, by kind: patch (the last snapshot patched for pod and policy changes) or compile (everything compiled).",
+	}, []string{"source", "kind"})
 	metricSnapshotSize = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "sluice_watch_snapshot_objects",
 		Help: "Size of the last snapshot published, by kind (namespaces, pods, local_pods, policies, rules, invalid_policies: policies that do not compile and only isolate).",
@@ -57,7 +61,7 @@ var (
 
 // Collectors returns every watch metric, for registries built by hand.
 func Collectors() []prometheus.Collector {
-	return []prometheus.Collector{metricPropagation, metricCompile, metricSnapshotSize,
+	return []prometheus.Collector{metricPropagation, metricCompile, metricBuilds, metricSnapshotSize,
 		metricLastPublish, metricErrors, metricStale, metricStaleSeconds, metricReady, metricPersisted, metricLastPersist}
 }
 

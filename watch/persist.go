@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -263,6 +264,7 @@ type persister struct {
 	log  *slog.Logger
 	jobs chan persistJob // capacity 1: the newest state replaces one not written yet
 	done chan struct{}
+	last atomic.Int64 // when the last write started, unix nanoseconds; 0 before the first
 }
 
 func newPersister(cfg Persist, log *slog.Logger) *persister {
@@ -273,6 +275,16 @@ func newPersister(cfg Persist, log *slog.Logger) *persister {
 		cfg.Version = buildVersion()
 	}
 	return &persister{cfg: cfg, log: log, jobs: make(chan persistJob, 1), done: make(chan struct{})}
+}
+
+// wait is how long until the persister writes again; at most 0 when it would write a state
+// offered now at once.
+func (p *persister) wait() time.Duration {
+	last := p.last.Load()
+	if last == 0 {
+		return 0
+	}
+	return p.cfg.Every - time.Since(time.Unix(0, last))
 }
 
 // offer hands the state of a published snapshot to the persister, replacing one it has not
@@ -325,6 +337,7 @@ func (p *persister) run(ctx context.Context) {
 			timer.Reset(wait)
 			continue
 		}
+		p.last.Store(time.Now().UnixNano())
 		p.write(*pending)
 		pending, last = nil, time.Now()
 	}

@@ -59,11 +59,32 @@ func (p *publisher) compile(st *policy.State) (*policy.Snapshot, error) {
 	start := time.Now()
 	snap, err := policy.Compile(st, opt)
 	metricCompile.WithLabelValues(p.source).Observe(time.Since(start).Seconds())
+	metricBuilds.WithLabelValues(p.source, "compile").Inc()
 	if snap == nil {
 		metricErrors.WithLabelValues(p.source, "compile").Inc()
 		return nil, err
 	}
 	p.gen = opt.Generation
+	return snap, err
+}
+
+// build is compile for a Builder's objects: it patches the last snapshot when it can.
+func (p *publisher) build(b *policy.Builder) (*policy.Snapshot, error) {
+	gen := p.gen + 1
+	start := time.Now()
+	patched, _ := b.Builds()
+	snap, err := b.Build(gen)
+	metricCompile.WithLabelValues(p.source).Observe(time.Since(start).Seconds())
+	if now, _ := b.Builds(); now > patched {
+		metricBuilds.WithLabelValues(p.source, "patch").Inc()
+	} else {
+		metricBuilds.WithLabelValues(p.source, "compile").Inc()
+	}
+	if snap == nil {
+		metricErrors.WithLabelValues(p.source, "compile").Inc()
+		return nil, err
+	}
+	p.gen = gen
 	return snap, err
 }
 
