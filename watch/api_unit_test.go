@@ -185,3 +185,23 @@ func TestCachedPodSidecarPortsMatch(t *testing.T) {
 		}
 	}
 }
+
+func TestNextBuildWait(t *testing.T) {
+	t0 := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	const window = 100 * time.Millisecond
+	for _, tc := range []struct {
+		name      string
+		now, last time.Time
+		want      time.Duration
+	}{
+		{"first build", t0, time.Time{}, 0},
+		{"idle for longer than the window: at once", t0.Add(time.Second), t0, 0},
+		{"just after the window", t0.Add(window), t0, 0},
+		{"within the window: the rest of it", t0.Add(30 * time.Millisecond), t0, 70 * time.Millisecond},
+		{"right after a build", t0, t0, window},
+	} {
+		if got := nextBuildWait(tc.now, tc.last, window); got != tc.want {
+			t.Errorf("%s: nextBuildWait = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

@@ -19,9 +19,10 @@ import (
 	"github.com/sluice-dev/sluice/policy"
 )
 
-// DefaultDebounce is how long a source waits for changes to settle before compiling. Editors
-// write a file in several steps and a kubectl apply touches many objects; compiling once per
-// burst keeps the CPU for packets.
+// DefaultDebounce is the file source's quiet time after a change before it reads the file
+// (editors write a file in several steps), and the API source's least time between two builds
+// (a kubectl apply touches many objects; one build per window under churn keeps the CPU for
+// packets, while a change after an idle window is built at once).
 const DefaultDebounce = 100 * time.Millisecond
 
 // DefaultSettle is how long the file source waits for a state file whose last line is not
