@@ -62,6 +62,7 @@ type APISource struct {
 	staleAt   time.Time
 
 	informers []cache.SharedIndexInformer
+	synced    []cache.InformerSynced // the event handlers' registrations
 	pods      cache.SharedIndexInformer
 	nss       cache.SharedIndexInformer
 	pols      cache.SharedIndexInformer
@@ -130,7 +131,10 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 	defer cancel()
 
 	s.log.Info("waiting for the first full list of pods, namespaces and networkpolicies")
-	if !cache.WaitForCacheSync(ctx.Done(), s.pods.HasSynced, s.nss.HasSynced, s.pols.HasSynced) {
+	// The handlers' HasSynced too: they receive the initial list's events after the caches
+	// hold it, and those events must be in the first build, which compiles everything, not
+	// mark the second one (a namespace among them would make it compile everything again).
+	if !cache.WaitForCacheSync(ctx.Done(), append([]cache.InformerSynced{s.pods.HasSynced, s.nss.HasSynced, s.pols.HasSynced}, s.synced...)...) {
 		return nil // ctx done
 	}
 	s.log.Info("caches synced", "pods", len(s.pods.GetStore().ListKeys()),
@@ -301,7 +305,7 @@ func (s *APISource) setup(client kubernetes.Interface) error {
 			return err
 		}
 		dirty := func(obj any) { s.changed(inf, obj) }
-		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		reg, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc: dirty,
 			UpdateFunc: func(old, cur any) {
 				if !relevantChange(old, cur) {
@@ -310,9 +314,11 @@ func (s *APISource) setup(client kubernetes.Interface) error {
 				dirty(cur)
 			},
 			DeleteFunc: dirty,
-		}); err != nil {
+		})
+		if err != nil {
 			return err
 		}
+		s.synced = append(s.synced, reg.HasSynced)
 	}
 	return nil
 }
