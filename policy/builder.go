@@ -20,10 +20,14 @@ import (
 // address shards and the peer sets a change touches are copied and the rest is shared with the
 // previous generation, which readers may still be using and which never changes.
 //
-// A Build compiles everything, as Compile does, after a namespace change; after a policy change
-// while some policy does not compile, or when the policy names a port no policy named before;
-// and when what patches leave behind (the ids of deleted pods and the rules of replaced
-// policies, never reused) reaches a quarter of the live ones. Every Build's snapshot answers
+// A namespace change (add, delete, labels) patches too: the peer sets whose namespace selector
+// starts or stops matching it gain or lose its pods.
+//
+// A Build compiles everything, as Compile does, after a policy change while some policy does
+// not compile, or when the policy names a port no policy named before; for a pod in a namespace
+// known neither by an object nor by another pod; after CompileAll; and when what patches leave
+// behind (the ids of deleted pods and the rules of replaced policies, never reused) reaches a
+// quarter of the live ones. Every Build's snapshot answers
 // exactly as Compile of State would (the differential tests hold it to that after every step).
 //
 // A Builder is not safe for concurrent use. The objects it reads must not be modified once
@@ -35,7 +39,8 @@ type Builder struct {
 
 	changed    map[PodRef]struct{} // pods changed since snap
 	changedNPs map[PodRef]struct{} // policies changed since snap
-	full       bool                // a namespace changed since snap
+	changedNSs map[string]struct{} // namespaces changed since snap
+	full       bool                // the next Build compiles everything
 
 	// The last build and what patching it needs; c is nil when there is none to patch.
 	snap       *Snapshot
@@ -56,6 +61,7 @@ type Builder struct {
 type Objects interface {
 	Pod(ref PodRef) *corev1.Pod // nil when there is none
 	Policy(ref PodRef) *networkingv1.NetworkPolicy
+	Namespace(name string) *corev1.Namespace
 	State() *State
 }
 
@@ -80,6 +86,7 @@ func NewBuilderOn(opt Options, objs Objects) *Builder {
 		objs:       objs,
 		changed:    make(map[PodRef]struct{}),
 		changedNPs: make(map[PodRef]struct{}),
+		changedNSs: make(map[string]struct{}),
 		full:       true,
 	}
 }
@@ -94,8 +101,11 @@ func (b *Builder) PolicyChanged(namespace, name string) {
 	b.changedNPs[PodRef{Namespace: namespace, Name: name}] = struct{}{}
 }
 
-// NamespaceChanged says a namespace was added, changed or deleted.
-func (b *Builder) NamespaceChanged() { b.full = true }
+// NamespaceChanged says the namespace name was added, changed or deleted.
+func (b *Builder) NamespaceChanged(name string) { b.changedNSs[name] = struct{}{} }
+
+// CompileAll makes the next Build compile everything, for a change the caller cannot name.
+func (b *Builder) CompileAll() { b.full = true }
 
 // SetPod adds or replaces a pod of a Builder made by NewBuilder.
 func (b *Builder) SetPod(p *corev1.Pod) {
@@ -112,13 +122,13 @@ func (b *Builder) DeletePod(namespace, name string) {
 // SetNamespace adds or replaces a namespace of a Builder made by NewBuilder.
 func (b *Builder) SetNamespace(ns *corev1.Namespace) {
 	b.own.nss[ns.Name] = ns
-	b.NamespaceChanged()
+	b.NamespaceChanged(ns.Name)
 }
 
 // DeleteNamespace removes a namespace of a Builder made by NewBuilder.
 func (b *Builder) DeleteNamespace(name string) {
 	delete(b.own.nss, name)
-	b.NamespaceChanged()
+	b.NamespaceChanged(name)
 }
 
 // SetPolicy adds or replaces a NetworkPolicy of a Builder made by NewBuilder.
@@ -145,6 +155,7 @@ type memObjects struct {
 
 func (m *memObjects) Pod(ref PodRef) *corev1.Pod                    { return m.pods[ref] }
 func (m *memObjects) Policy(ref PodRef) *networkingv1.NetworkPolicy { return m.pols[ref] }
+func (m *memObjects) Namespace(name string) *corev1.Namespace       { return m.nss[name] }
 
 // State lists the objects, each list in (namespace, name) order, sharing them.
 func (m *memObjects) State() *State {
@@ -179,6 +190,7 @@ func (b *Builder) Build(gen uint64) (*Snapshot, error) {
 			b.patches++
 			clear(b.changed)
 			clear(b.changedNPs)
+			clear(b.changedNSs)
 			b.snap = s
 			return s, b.c.err
 		}
@@ -203,6 +215,7 @@ func (b *Builder) compileAll(opt Options) (*Snapshot, error) {
 	b.compiles++
 	clear(b.changed)
 	clear(b.changedNPs)
+	clear(b.changedNSs)
 	b.full = false
 	b.snap, b.c = nil, nil
 	c, err := compileWith(b.State(), opt, true)
@@ -279,8 +292,16 @@ func (b *Builder) patch(opt Options) (*Snapshot, bool) {
 	s.sets = slices.Clone(old.sets)
 	p := &patcher{b: b, c: b.c, s: s, hotPages: map[int]bool{}, podPages: map[int]bool{}, sets: map[int32]bool{}}
 	b.c.s = s // the compiler's rules, sets, lists, entries and ports appends go to the new snapshot
-	// Policies first, on the pods as they were; the changed pods then take their isolation from
-	// the policies as they are now.
+	// Namespaces first: policies resolve new peer selectors against them. Then policies, on
+	// the pods as they were; the changed pods then take their isolation from the policies as
+	// they are now.
+	if len(b.changedNSs) > 0 {
+		for name := range b.changedNSs {
+			p.namespace(name)
+		}
+		b.singleNS, b.multiNS = make(map[string][]int32), nil
+		b.indexSets(0)
+	}
 	sets := len(b.c.setDefs)
 	for ref := range b.changedNPs {
 		if !p.policy(ref) {
@@ -349,6 +370,52 @@ func (p *patcher) policy(ref PodRef) bool {
 		}
 	}
 	return true
+}
+
+// namespace applies the change of one namespace: its labels, and the membership of its pods in
+// the peer sets whose namespace selector matches it now and did not before, or the reverse.
+func (p *patcher) namespace(name string) {
+	b, c, s := p.b, p.c, p.s
+	obj := b.objs.Namespace(name)
+	_, known := c.nsLabels[name]
+	var l labels.Set
+	present := obj != nil || len(c.nsPods[name]) > 0
+	switch {
+	case obj != nil:
+		l = namespaceLabels(name, obj.Labels)
+	case present:
+		l = namespaceLabels(name, nil) // its pods keep it, named only
+	}
+	i, _ := slices.BinarySearch(c.nsNames, name)
+	switch {
+	case present && !known:
+		c.nsNames = slices.Insert(c.nsNames, i, name)
+	case !present && known:
+		c.nsNames = slices.Delete(c.nsNames, i, i+1)
+		delete(c.nsLabels, name)
+	}
+	if present {
+		c.nsLabels[name] = l
+	}
+	clear(c.nsCache) // selections of namespaces made before
+	s.stats.Namespaces = len(c.nsLabels)
+	for si := range c.setDefs {
+		d := &c.setDefs[si]
+		if d.ns == nil {
+			continue // the policy's own namespace, whatever its labels
+		}
+		j, was := slices.BinarySearch(d.nss, name)
+		if now := present && d.ns.Matches(l); now == was {
+			continue
+		} else if now {
+			d.nss = slices.Insert(slices.Clone(d.nss), j, name)
+		} else {
+			d.nss = slices.Delete(slices.Clone(d.nss), j, j+1)
+		}
+		for _, id := range c.nsPods[name] {
+			p.member(int32(si), id, true, true)
+		}
+	}
 }
 
 // isolate recomputes the isolation of live pod id from its namespace's policies (none when it

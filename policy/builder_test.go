@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"net/netip"
 	"os"
 	"reflect"
 	"slices"
@@ -13,6 +14,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"pgregory.net/rapid"
 
 	"github.com/sluice-dev/sluice/policy"
@@ -135,7 +137,7 @@ func builderProperty(rt *rapid.T, cfg *diffConfig) {
 				delete(m.pods, ref)
 				b.DeletePod(ref.Namespace, ref.Name)
 				log = append(log, "delete pod "+ref.String())
-			case op < 23: // a policy is added, replaced or deleted
+			case op < 22: // a policy is added, replaced or deleted
 				var podNS []string
 				for _, r := range refs {
 					podNS = append(podNS, r.Namespace)
@@ -154,8 +156,14 @@ func builderProperty(rt *rapid.T, cfg *diffConfig) {
 				m.pols[ref] = np
 				b.SetPolicy(&np)
 				log = append(log, "add policy "+ref.String())
-			default: // a namespace's labels change
+			default: // a namespace is deleted, or added or relabelled
 				name := rapid.SampledFrom(diffNamespaces).Draw(rt, "ns")
+				if rapid.IntRange(0, 2).Draw(rt, "ns.delete") == 0 {
+					delete(m.nss, name)
+					b.DeleteNamespace(name)
+					log = append(log, "delete namespace "+name)
+					break
+				}
 				ns := corev1.Namespace{}
 				ns.Name, ns.Labels = name, drawLabels(rt, "ns.labels")
 				m.nss[name] = ns
@@ -278,5 +286,72 @@ func BenchmarkChange(b *testing.B) {
 				b.ReportMetric(float64(patched)/float64(patched+compiled), "patched/build")
 			})
 		}
+	}
+}
+
+// TestBuilderNamespaceThenPolicy: a namespace's labels change, then policies arrive with peer
+// selectors no earlier policy used, resolved against the namespaces as they are now; then the
+// namespace goes and comes back.
+func TestBuilderNamespaceThenPolicy(t *testing.T) {
+	ns := func(name string, l map[string]string) *corev1.Namespace {
+		o := &corev1.Namespace{}
+		o.Name, o.Labels = name, l
+		return o
+	}
+	pod := func(ns, name, ip string, l map[string]string) *corev1.Pod {
+		p := &corev1.Pod{}
+		p.Namespace, p.Name, p.Labels = ns, name, l
+		p.Status.Phase, p.Status.PodIP = corev1.PodRunning, ip
+		return p
+	}
+	from := func(name, team string) *networkingv1.NetworkPolicy {
+		np := &networkingv1.NetworkPolicy{}
+		np.Namespace, np.Name = "a", name
+		np.Spec.Ingress = []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{
+			NamespaceSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"team": team}},
+		}}}}
+		return np
+	}
+	b := policy.NewBuilder(policy.Options{})
+	b.SetNamespace(ns("a", map[string]string{"team": "x"}))
+	b.SetNamespace(ns("b", map[string]string{"team": "y"}))
+	b.SetPod(pod("a", "server", "10.0.0.1", nil))
+	b.SetPod(pod("b", "client", "10.0.0.2", map[string]string{"role": "client"}))
+	b.SetPolicy(from("from-y", "y"))
+	fl := policy.Flow{Src: netip.MustParseAddr("10.0.0.2"), Dst: netip.MustParseAddr("10.0.0.1"), Proto: policy.TCP, Port: 80}
+	gen := uint64(0)
+	step := func(what string, want bool) {
+		t.Helper()
+		gen++
+		s, err := b.Build(gen)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fresh, err := policy.Compile(b.State(), policy.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, ref := s.Decide(fl), fresh.Decide(fl)
+		if got != ref || got.Allowed != want {
+			t.Fatalf("%s: b/client -> a/server = %v, a fresh compile says %v, want allowed=%v", what, got, ref, want)
+		}
+	}
+	step("namespace b is team y", true)
+	b.SetNamespace(ns("b", map[string]string{"team": "z"}))
+	step("namespace b is team z now", false)
+	// The namespace selector team=y again, with a pod selector: a new peer set, whose
+	// namespaces must not come from a selection made before the relabelling.
+	yClients := from("from-y-clients", "y")
+	yClients.Spec.Ingress[0].From[0].PodSelector = &metav1.LabelSelector{MatchLabels: map[string]string{"role": "client"}}
+	b.SetPolicy(yClients)
+	step("a policy admits team y's clients", false)
+	b.SetPolicy(from("from-z", "z"))
+	step("a policy admits team z", true)
+	b.DeleteNamespace("b")
+	step("namespace b deleted (its pod named only)", false)
+	b.SetNamespace(ns("b", map[string]string{"team": "z"}))
+	step("namespace b back as team z", true)
+	if patched, compiled := b.Builds(); compiled != 1 {
+		t.Errorf("%d builds patched, %d compiled everything; want only the first to compile", patched, compiled)
 	}
 }

@@ -131,9 +131,11 @@ type sharedList struct {
 }
 
 // setDef is what decides membership of a peer set: the pod's namespace is one of nss (sorted)
-// and pod (nil: every pod) matches its labels.
+// and pod (nil: every pod) matches its labels. nss are the namespaces ns matches, or the
+// policy's own namespace when ns is nil.
 type setDef struct {
 	nss []string
+	ns  labels.Selector
 	pod labels.Selector
 }
 
@@ -767,7 +769,7 @@ func (c *compiler) peerSet(policyNS string, peer *networkingv1.NetworkPolicyPeer
 	if podSel != nil && podSel.Empty() {
 		podSel = nil
 	}
-	c.setDefs = append(c.setDefs, setDef{nss: nss, pod: podSel})
+	c.setDefs = append(c.setDefs, setDef{nss: nss, ns: nsSel, pod: podSel})
 	i := int32(len(c.s.sets) - 1)
 	c.selCache[key] = i
 	return i, nil

@@ -200,16 +200,20 @@ func (s *Snapshot) Decide(f Flow) Verdict {
 	src, dst := s.lookup(f.Src), s.lookup(f.Dst)
 	isolated := false
 	const egress, ingress = podLocal | podEgressIsolated, podLocal | podIngressIsolated
-	if src.isPod() && s.hotOf(src).flags&egress == egress {
-		isolated = true
-		if !s.anyRule(s.hotOf(src).egress, f, src, dst, true) {
-			return Verdict{Allowed: false, Reason: ReasonEgress}
+	if src.isPod() {
+		if h := s.hotOf(src); h.flags&egress == egress {
+			isolated = true
+			if !s.anyRule(h.egress, f, src, dst, true) {
+				return Verdict{Allowed: false, Reason: ReasonEgress}
+			}
 		}
 	}
-	if dst.isPod() && s.hotOf(dst).flags&ingress == ingress {
-		isolated = true
-		if !s.anyRule(s.hotOf(dst).ingress, f, src, dst, false) {
-			return Verdict{Allowed: false, Reason: ReasonIngress}
+	if dst.isPod() {
+		if h := s.hotOf(dst); h.flags&ingress == ingress {
+			isolated = true
+			if !s.anyRule(h.ingress, f, src, dst, false) {
+				return Verdict{Allowed: false, Reason: ReasonIngress}
+			}
 		}
 	}
 	if isolated {

@@ -55,7 +55,8 @@ type APISource struct {
 	dirtyAt   time.Time           // when the oldest change not yet built was seen; zero when none
 	dirtyPods map[string]struct{} // namespace/name of the pods changed since the last build
 	dirtyPols map[string]struct{} // likewise for policies
-	dirtyNS   bool                // some namespace changed
+	dirtyNSs  map[string]struct{} // and the names of namespaces
+	dirtyAll  bool                // a change without a key: compile everything
 	kick      chan struct{}
 	unhealthy map[string]error  // resource -> last list/watch error, while it lasts
 	badSeen   map[string]string // policy key -> resourceVersion already reported as invalid
@@ -86,6 +87,7 @@ func NewAPISource(cfg *rest.Config, opt policy.Options, log *slog.Logger, deboun
 		kick:      make(chan struct{}, 1),
 		dirtyPods: make(map[string]struct{}),
 		dirtyPols: make(map[string]struct{}),
+		dirtyNSs:  make(map[string]struct{}),
 		unhealthy: make(map[string]error),
 		badSeen:   make(map[string]string),
 	}
@@ -196,8 +198,8 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 		s.mu.Lock()
 		at := s.dirtyAt
 		s.dirtyAt = time.Time{}
-		pods, pols, nss := s.dirtyPods, s.dirtyPols, s.dirtyNS
-		s.dirtyPods, s.dirtyPols, s.dirtyNS = make(map[string]struct{}), make(map[string]struct{}), false
+		pods, pols, nss, all := s.dirtyPods, s.dirtyPols, s.dirtyNSs, s.dirtyAll
+		s.dirtyPods, s.dirtyPols, s.dirtyNSs, s.dirtyAll = make(map[string]struct{}), make(map[string]struct{}), make(map[string]struct{}), false
 		s.mu.Unlock()
 		for k := range pods {
 			ns, name, _ := cache.SplitMetaNamespaceKey(k)
@@ -207,8 +209,11 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 			ns, name, _ := cache.SplitMetaNamespaceKey(k)
 			b.PolicyChanged(ns, name)
 		}
-		if nss {
-			b.NamespaceChanged()
+		for k := range nss {
+			b.NamespaceChanged(k)
+		}
+		if all {
+			b.CompileAll()
 		}
 
 		last = time.Now()
@@ -269,6 +274,15 @@ func (o apiObjects) Policy(ref policy.PodRef) *networkingv1.NetworkPolicy {
 	}
 	np, _ := obj.(*networkingv1.NetworkPolicy)
 	return np
+}
+
+func (o apiObjects) Namespace(name string) *corev1.Namespace {
+	obj, ok, _ := o.s.nss.GetStore().GetByKey(name)
+	if !ok {
+		return nil
+	}
+	ns, _ := obj.(*corev1.Namespace)
+	return ns
 }
 
 func (o apiObjects) State() *policy.State { return o.s.state() }
@@ -389,12 +403,12 @@ func (s *APISource) changed(inf cache.SharedIndexInformer, obj any) {
 	key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
 	s.mu.Lock()
 	switch {
-	case inf == s.nss:
-		s.dirtyNS = true
 	case err != nil:
 		// An object without a key cannot be found again: build everything from the caches.
 		s.log.Warn("a changed object has no namespace/name key; compiling everything", "err", err)
-		s.dirtyNS = true
+		s.dirtyAll = true
+	case inf == s.nss:
+		s.dirtyNSs[key] = struct{}{}
 	case inf == s.pods:
 		s.dirtyPods[key] = struct{}{}
 	case inf == s.pols:
