@@ -266,7 +266,7 @@ func (b *Builder) indexSets(from int) {
 // drawing from more is checked on every pod change instead.
 const indexedNamespaces = 8
 
-// patcher applies pod changes to a copy of the last snapshot, copying each page, address shard
+// patcher applies changes to a copy of the last snapshot, copying each page, address shard
 // and peer set the first time it writes to it, so that the last snapshot never changes.
 type patcher struct {
 	b        *Builder
@@ -279,9 +279,9 @@ type patcher struct {
 	sets     map[int32]bool
 }
 
-// patch builds the next snapshot from the last one and the changed pods; false when a change
-// needs a full compile (a pod in a namespace the last one did not know). Then the Builder's
-// patch state is spent: the caller compiles everything, which rebuilds it.
+// patch builds the next snapshot from the last one and the changed objects; false when a
+// change needs a full compile (see Builder). Then the Builder's patch state is spent: the
+// caller compiles everything, which rebuilds it.
 func (b *Builder) patch(opt Options) (*Snapshot, bool) {
 	old := b.snap
 	s := new(Snapshot)
