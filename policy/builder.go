@@ -27,8 +27,9 @@ import (
 // not compile, or when the policy names a port no policy named before; for a pod in a namespace
 // known neither by an object nor by another pod; after CompileAll; and when what patches leave
 // behind (the ids of deleted pods and the rules of replaced policies, never reused) reaches a
-// quarter of the live ones. Every Build's snapshot answers
-// exactly as Compile of State would (the differential tests hold it to that after every step).
+// quarter of the live ones, or the arrays patches append to have doubled. Every Build's
+// snapshot answers exactly as Compile of State would (the differential tests hold it to that
+// after every step).
 //
 // A Builder is not safe for concurrent use. The objects it reads must not be modified once
 // handed over (informer caches' objects never are).
@@ -51,6 +52,7 @@ type Builder struct {
 	multiNS    []int32                // peer sets drawing from more than indexedNamespaces
 	nsPolicies map[string][]int32     // namespace -> its live policies' indexes, in name order
 	polIDs     map[PodRef]int32       // the live policies of snap
+	base       arraySizes             // of the last full compile
 
 	patches, compiles int
 }
@@ -208,7 +210,27 @@ func (b *Builder) patchable() bool {
 		// Which policies fail is known from a full compile only.
 		return false
 	}
-	return s.dead <= s.npods/4 && len(s.policies)-s.stats.Policies <= s.stats.Policies/4+16
+	return s.dead <= s.npods/4 && len(s.policies)-s.stats.Policies <= s.stats.Policies/4+16 &&
+		sizesOf(s).within(b.base)
+}
+
+// arraySizes are the lengths of a snapshot's append-only arrays. Patches append to them and
+// leave what they replace behind (a changed pod's named ports, a replaced policy's rules and
+// entries), so under a steady churn of relabels, which leaves no dead pod, they would grow
+// without end; a full compile once they double drops the leftovers.
+type arraySizes struct{ ports, entries, lists, rules, sets int }
+
+func sizesOf(s *Snapshot) arraySizes {
+	return arraySizes{len(s.ports), len(s.entries), len(s.lists), len(s.rules), len(s.sets)}
+}
+
+// within reports whether every array is at most twice its base length plus a floor that keeps
+// small snapshots from compiling everything every few changes.
+func (a arraySizes) within(base arraySizes) bool {
+	const floor = 4096
+	ok := func(n, b int) bool { return n <= 2*b+floor }
+	return ok(a.ports, base.ports) && ok(a.entries, base.entries) && ok(a.lists, base.lists) &&
+		ok(a.rules, base.rules) && ok(a.sets, base.sets)
 }
 
 func (b *Builder) compileAll(opt Options) (*Snapshot, error) {
@@ -224,6 +246,7 @@ func (b *Builder) compileAll(opt Options) (*Snapshot, error) {
 	}
 	s := c.s
 	b.snap, b.c = s, c
+	b.base = sizesOf(s)
 	b.ids = make(map[PodRef]podID, s.npods)
 	b.claimants = make(map[netip.Addr][]podID, s.npods)
 	for id, p := range s.livePods {

@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"pgregory.net/rapid"
 
+	"github.com/sluice-dev/sluice/internal/clustergen"
 	"github.com/sluice-dev/sluice/policy"
 )
 
@@ -354,4 +355,42 @@ func TestBuilderNamespaceThenPolicy(t *testing.T) {
 	if patched, compiled := b.Builds(); compiled != 1 {
 		t.Errorf("%d builds patched, %d compiled everything; want only the first to compile", patched, compiled)
 	}
+}
+
+// TestBuilderBoundsLeftovers: a steady churn of relabels leaves no dead pod, but every patch
+// appends the pod's named ports again; the Builder must compile everything now and then
+// instead of growing without end.
+func TestBuilderBoundsLeftovers(t *testing.T) {
+	st := clustergen.Generate(20, 5)
+	b := policy.NewBuilder(policy.Options{})
+	for i := range st.Namespaces {
+		b.SetNamespace(&st.Namespaces[i])
+	}
+	for i := range st.Pods {
+		b.SetPod(&st.Pods[i])
+	}
+	for i := range st.Policies {
+		b.SetPolicy(&st.Policies[i])
+	}
+	if _, err := b.Build(1); err != nil {
+		t.Fatal(err)
+	}
+	p := st.Pods[0].DeepCopy()
+	for i := range 20000 {
+		p = p.DeepCopy()
+		p.Labels = maps.Clone(p.Labels)
+		p.Labels["churn"] = strconv.Itoa(i % 2)
+		b.SetPod(p)
+		if _, err := b.Build(uint64(i + 2)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	patched, compiled := b.Builds()
+	if compiled < 2 {
+		t.Fatalf("20000 relabels: %d patches, %d full compiles; the leftovers were never dropped", patched, compiled)
+	}
+	if patched < 19000 {
+		t.Errorf("20000 relabels: only %d patches (%d full compiles)", patched, compiled)
+	}
+	t.Logf("20000 relabels: %d patches, %d full compiles", patched, compiled)
 }
