@@ -578,13 +578,13 @@ func (p *patcher) own(a netip.Addr) {
 		}
 	}
 	if a.Is4() {
-		k := a.As4()[3]
+		k := a.As4()[3] & s.shardMask
 		if !p.shards4[k] {
 			p.shards4[k] = true
 			s.by4[k] = maps.Clone(s.by4[k])
 		}
 	} else {
-		k := a.As16()[15]
+		k := a.As16()[15] & s.shardMask
 		if !p.shards6[k] {
 			p.shards6[k] = true
 			s.by6[k] = maps.Clone(s.by6[k])

@@ -214,6 +214,7 @@ func (c *compiler) pods(in []corev1.Pod) {
 		return cmp.Or(cmp.Compare(in[a].Namespace, in[b].Namespace), cmp.Compare(in[a].Name, in[b].Name))
 	})
 	s := c.s
+	s.shardMask = shardMaskFor(len(idx))
 	pods := make([]cpod, 0, len(idx))
 	claims := make([]uint8, 0, len(idx))
 	for _, i := range idx {

@@ -27,21 +27,23 @@ import (
 //   - each rule's ipBlocks (cidr minus except, over all its peers) are flattened into one
 //     disjoint prefix set held in a bart.Lite routing table.
 type Snapshot struct {
-	opt      Options
-	by4      [addrShards]map[[4]byte]podID
-	by6      [addrShards]map[[16]byte]podID
-	hot      [][]podHot  // pages of pageSize, indexed by podID (see hotOf)
-	lists    []span      // podHot.ingress and .egress ranges index this; each an entries range
-	entries  []portEntry // cpolicy.ingressAt and .egressAt, and so lists, index this
-	ports    []namedPort // podHot.ports ranges index this
-	pods     [][]cpod    // pages like hot; a dead pod (a Builder's deleted one) is in no map or set
-	npods    int         // pod ids in use, dead ones included
-	dead     int
-	rules    []crule
-	policies []cpolicy
-	sets     []podSet
-	names    []string // portName -> the name
-	stats    Stats
+	opt Options
+	by4 [addrShards]map[[4]byte]podID
+	by6 [addrShards]map[[16]byte]podID
+	// shardMask picks an address's shard from its last byte; fixed between full compiles.
+	shardMask uint8
+	hot       [][]podHot  // pages of pageSize, indexed by podID (see hotOf)
+	lists     []span      // podHot.ingress and .egress ranges index this; each an entries range
+	entries   []portEntry // cpolicy.ingressAt and .egressAt, and so lists, index this
+	ports     []namedPort // podHot.ports ranges index this
+	pods      [][]cpod    // pages like hot; a dead pod (a Builder's deleted one) is in no map or set
+	npods     int         // pod ids in use, dead ones included
+	dead      int
+	rules     []crule
+	policies  []cpolicy
+	sets      []podSet
+	names     []string // portName -> the name
+	stats     Stats
 }
 
 // Stats counts what a snapshot holds.
@@ -226,31 +228,41 @@ func (s *Snapshot) Decide(f Flow) Verdict {
 func (s *Snapshot) lookup(a netip.Addr) podID {
 	if a.Is4() {
 		k := a.As4()
-		if i, ok := s.by4[k[3]][k]; ok {
+		if i, ok := s.by4[k[3]&s.shardMask][k]; ok {
 			return i
 		}
 		return noPod
 	}
 	k := a.As16()
-	if i, ok := s.by6[k[15]][k]; ok {
+	if i, ok := s.by6[k[15]&s.shardMask][k]; ok {
 		return i
 	}
 	return noPod
 }
 
-// addrShards is the number of shards of the address maps: a pod change copies one shard, about
-// pods/256 entries.
+// addrShards is the most shards of the address maps: a pod change copies one shard. A snapshot
+// uses as many as keep about 128 pods per shard (shardMask), so that a small cluster does not
+// pay for 256 small maps.
 const addrShards = 256
+
+// shardMaskFor is the shard mask for a snapshot of pods pods: a power of two minus one.
+func shardMaskFor(pods int) uint8 {
+	n := 1
+	for n < addrShards && n*128 < pods {
+		n *= 2
+	}
+	return uint8(n - 1)
+}
 
 // setOwner maps a (native) address to pod p, or unmaps it when p is noPod, in place: only on a
 // snapshot no reader has yet (Compile's, or a Builder's copy whose shard it already copied).
 func (s *Snapshot) setOwner(a netip.Addr, p podID) {
 	if a.Is4() {
 		k := a.As4()
-		m := s.by4[k[3]]
+		m := s.by4[k[3]&s.shardMask]
 		if m == nil {
 			m = make(map[[4]byte]podID)
-			s.by4[k[3]] = m
+			s.by4[k[3]&s.shardMask] = m
 		}
 		if p.isPod() {
 			m[k] = p
@@ -260,10 +272,10 @@ func (s *Snapshot) setOwner(a netip.Addr, p podID) {
 		return
 	}
 	k := a.As16()
-	m := s.by6[k[15]]
+	m := s.by6[k[15]&s.shardMask]
 	if m == nil {
 		m = make(map[[16]byte]podID)
-		s.by6[k[15]] = m
+		s.by6[k[15]&s.shardMask] = m
 	}
 	if p.isPod() {
 		m[k] = p
