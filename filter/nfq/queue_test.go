@@ -245,6 +245,11 @@ func TestFailOpenWhenQueueFull(t *testing.T) {
 			for i := 0; i < 100; i++ {
 				unix.Write(fd, make([]byte, 32))
 			}
+			// The reader holds the first packet: Serve is running. (Fail-open, the kernel
+			// accepts the rest so fast that Close could otherwise come before Serve starts.)
+			if !waitFor(3*time.Second, first.Load) {
+				t.Fatal("the reader never received a packet")
+			}
 			passed := func() uint64 { return sink.Load() - base }
 			if failOpen {
 				// 100 sent, at most 8 held by the queue: the kernel accepts the rest.
