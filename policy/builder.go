@@ -218,10 +218,12 @@ func (b *Builder) patchable() bool {
 // leave what they replace behind (a changed pod's named ports, a replaced policy's rules and
 // entries), so under a steady churn of relabels, which leaves no dead pod, they would grow
 // without end; a full compile once they double drops the leftovers.
-type arraySizes struct{ ports, entries, lists, rules, sets int }
+// The pod count is among them: the address shards are sized for the pods of the last full
+// compile, and a cluster grown far past it would make each pod change copy a large shard.
+type arraySizes struct{ pods, ports, entries, lists, rules, sets int }
 
 func sizesOf(s *Snapshot) arraySizes {
-	return arraySizes{len(s.ports), len(s.entries), len(s.lists), len(s.rules), len(s.sets)}
+	return arraySizes{s.npods, len(s.ports), len(s.entries), len(s.lists), len(s.rules), len(s.sets)}
 }
 
 // within reports whether every array is at most twice its base length plus a floor that keeps
@@ -229,8 +231,8 @@ func sizesOf(s *Snapshot) arraySizes {
 func (a arraySizes) within(base arraySizes) bool {
 	const floor = 4096
 	ok := func(n, b int) bool { return n <= 2*b+floor }
-	return ok(a.ports, base.ports) && ok(a.entries, base.entries) && ok(a.lists, base.lists) &&
-		ok(a.rules, base.rules) && ok(a.sets, base.sets)
+	return ok(a.pods, base.pods) && ok(a.ports, base.ports) && ok(a.entries, base.entries) &&
+		ok(a.lists, base.lists) && ok(a.rules, base.rules) && ok(a.sets, base.sets)
 }
 
 func (b *Builder) compileAll(opt Options) (*Snapshot, error) {
