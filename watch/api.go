@@ -184,6 +184,9 @@ func (s *APISource) Run(ctx context.Context, publish func(*policy.Snapshot)) err
 				select {
 				case <-ctx.Done():
 					t.Stop()
+					if persistC != nil {
+						offer(pub.gen)
+					}
 					return nil
 				case <-t.C:
 				}
