@@ -463,19 +463,6 @@ func (s *APISource) build(pub *publisher, b *policy.Builder) (*policy.Snapshot, 
 	})
 }
 
-// compile is build for a whole state.
-func (s *APISource) compile(pub *publisher, st *policy.State) (*policy.Snapshot, error) {
-	snap, err := pub.compile(st)
-	return s.accept(snap, err, func(key string) string {
-		for i := range st.Policies {
-			if st.Policies[i].Namespace+"/"+st.Policies[i].Name == key {
-				return st.Policies[i].ResourceVersion
-			}
-		}
-		return ""
-	})
-}
-
 // accept reports the policies of a CompileError that came with snap; version gives a policy's
 // resourceVersion by namespace/name.
 func (s *APISource) accept(snap *policy.Snapshot, err error, version func(key string) string) (*policy.Snapshot, error) {

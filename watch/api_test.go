@@ -363,43 +363,20 @@ func TestAPISourceScale(t *testing.T) {
 		mkNS(t, ctx, c, fmt.Sprintf("ns-%d", i), map[string]string{"team": fmt.Sprintf("t%d", i%5)})
 	}
 	start := time.Now()
-	var wg sync.WaitGroup
-	errs := make(chan error, 16)
-	next := atomic.Int64{}
-	for range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1)) - 1
-				if i >= n || ctx.Err() != nil {
-					return
-				}
-				p := podObj(fmt.Sprintf("ns-%d", i%namespaces), fmt.Sprintf("pod-%d", i),
-					map[string]string{"app": fmt.Sprintf("app-%d", i%40), "tier": []string{"web", "api", "db"}[i%3]},
-					fmt.Sprintf("node-%d", i%nodes), corev1.ContainerPort{Name: "http", ContainerPort: 8080})
-				created, err := c.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{})
-				if err == nil {
-					created.Status.Phase = corev1.PodRunning
-					ip := fmt.Sprintf("10.%d.%d.%d", 100+i>>16, (i>>8)&255, i&255)
-					created.Status.PodIP, created.Status.PodIPs = ip, []corev1.PodIP{{IP: ip}}
-					_, err = c.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{})
-				}
-				if err != nil {
-					select {
-					case errs <- err:
-					default:
-					}
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	if err := <-errs; err != nil {
-		t.Fatal(err)
-	}
+	inParallel(t, ctx, n, func(i int) error {
+		p := podObj(fmt.Sprintf("ns-%d", i%namespaces), fmt.Sprintf("pod-%d", i),
+			map[string]string{"app": fmt.Sprintf("app-%d", i%40), "tier": []string{"web", "api", "db"}[i%3]},
+			fmt.Sprintf("node-%d", i%nodes), corev1.ContainerPort{Name: "http", ContainerPort: 8080})
+		created, err := c.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{})
+		if err != nil {
+			return err
+		}
+		created.Status.Phase = corev1.PodRunning
+		ip := fmt.Sprintf("10.%d.%d.%d", 100+i>>16, (i>>8)&255, i&255)
+		created.Status.PodIP, created.Status.PodIPs = ip, []corev1.PodIP{{IP: ip}}
+		_, err = c.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{})
+		return err
+	})
 	t.Logf("created %d pods with IPs through the API server in %v", n, time.Since(start).Round(time.Millisecond))
 	for i := range namespaces {
 		ns := fmt.Sprintf("ns-%d", i)
@@ -419,15 +396,15 @@ func TestAPISourceScale(t *testing.T) {
 			}
 		}
 	}
-	// The rest: each isolates one app of its namespace for ingress from one team's pods.
-	// None selects the probe's pods (app-0, app-6) or admits pod-6's team... apps 0 and 6 are
-	// left out so that the probe's verdicts stay those of the three tier policies.
-	createPolicies(t, ctx, c, nPolicies-3*namespaces, func(i int) *networkingv1.NetworkPolicy {
+	// The rest: each isolates one app of its namespace for ingress from one team's pods on
+	// one port. None selects the probe's pods (apps 0 and 6 are left out), so the probe's
+	// verdicts stay those of the three tier policies.
+	inParallel(t, ctx, nPolicies-3*namespaces, func(i int) error {
 		app := 1 + i%38
 		if app >= 6 {
 			app++
 		}
-		return &networkingv1.NetworkPolicy{
+		np := &networkingv1.NetworkPolicy{
 			ObjectMeta: metav1.ObjectMeta{Namespace: fmt.Sprintf("ns-%d", i%namespaces), Name: fmt.Sprintf("extra-%d", i)},
 			Spec: networkingv1.NetworkPolicySpec{
 				PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": fmt.Sprintf("app-%d", app)}},
@@ -437,6 +414,8 @@ func TestAPISourceScale(t *testing.T) {
 				}},
 			},
 		}
+		_, err := c.NetworkingV1().NetworkPolicies(np.Namespace).Create(ctx, np, metav1.CreateOptions{})
+		return err
 	})
 
 	// The churn the source will see, first without it: what the test process itself spends
@@ -567,15 +546,12 @@ func histogram(m prometheus.Metric) *dto.Histogram {
 	return out.Histogram
 }
 
-// createPolicies creates n policies made by mk, 16 at a time.
-func createPolicies(t *testing.T, ctx context.Context, c kubernetes.Interface, n int, mk func(int) *networkingv1.NetworkPolicy) {
+// inParallel runs do(0) to do(n-1), 16 at a time, and fails the test on the first error.
+func inParallel(t *testing.T, ctx context.Context, n int, do func(i int) error) {
 	t.Helper()
-	if n <= 0 {
-		return
-	}
 	var wg sync.WaitGroup
 	var next atomic.Int64
-	errs := make(chan error, 16)
+	errs := make(chan error, 1)
 	for range 16 {
 		wg.Add(1)
 		go func() {
@@ -585,8 +561,7 @@ func createPolicies(t *testing.T, ctx context.Context, c kubernetes.Interface, n
 				if i >= n || ctx.Err() != nil {
 					return
 				}
-				np := mk(i)
-				if _, err := c.NetworkingV1().NetworkPolicies(np.Namespace).Create(ctx, np, metav1.CreateOptions{}); err != nil {
+				if err := do(i); err != nil {
 					select {
 					case errs <- err:
 					default:

@@ -57,7 +57,15 @@ func TestNeutraliseKeepsIsolation(t *testing.T) {
 	}
 	s := NewAPISource(nil, policy.Options{}, testLogger(t), 0)
 	pub := newPublisher("test", s.opt, testLogger(t))
-	snap, err := s.compile(pub, st)
+	snap, err := pub.compile(st)
+	snap, err = s.accept(snap, err, func(key string) string {
+		for i := range st.Policies {
+			if st.Policies[i].Namespace+"/"+st.Policies[i].Name == key {
+				return st.Policies[i].ResourceVersion
+			}
+		}
+		return ""
+	})
 	if err != nil {
 		t.Fatalf("compile with neutralisation: %v", err)
 	}

@@ -307,10 +307,7 @@ func (p *persister) offer(st *policy.State, gen uint64) {
 // run writes until ctx is done, then writes what is pending and closes done.
 func (p *persister) run(ctx context.Context) {
 	defer close(p.done)
-	var (
-		pending *persistJob
-		last    time.Time
-	)
+	var pending *persistJob
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
@@ -333,13 +330,13 @@ func (p *persister) run(ctx context.Context) {
 		if pending == nil {
 			continue
 		}
-		if wait := p.cfg.Every - time.Since(last); !last.IsZero() && wait > 0 {
+		if wait := p.wait(); wait > 0 {
 			timer.Reset(wait)
 			continue
 		}
 		p.last.Store(time.Now().UnixNano())
 		p.write(*pending)
-		pending, last = nil, time.Now()
+		pending = nil
 	}
 }
 
