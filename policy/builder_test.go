@@ -82,19 +82,16 @@ func (m *mirror) state() *policy.State {
 func builderProperty(rt *rapid.T, cfg *diffConfig) {
 	st := drawState(rt, cfg)
 	opt := policy.Options{Node: rapid.SampledFrom([]string{"", "", "node-a", "node-b"}).Draw(rt, "node")}
-	b := policy.NewBuilder(opt)
+	b := builderOf(st, opt)
 	m := &mirror{pods: map[policy.PodRef]corev1.Pod{}, nss: map[string]corev1.Namespace{}, pols: map[policy.PodRef]networkingv1.NetworkPolicy{}}
 	for _, ns := range st.Namespaces {
 		m.nss[ns.Name] = ns
-		b.SetNamespace(&ns)
 	}
 	for _, p := range st.Pods {
 		m.pods[policy.PodRef{Namespace: p.Namespace, Name: p.Name}] = p
-		b.SetPod(&p)
 	}
 	for _, np := range st.Policies {
 		m.pols[policy.PodRef{Namespace: np.Namespace, Name: np.Name}] = np
-		b.SetPolicy(&np)
 	}
 	gen := uint64(1)
 	snap, err := b.Build(gen)
@@ -243,16 +240,7 @@ func BenchmarkChange(b *testing.B) {
 		for _, n := range []int{1000, 10000} {
 			b.Run(fmt.Sprintf("%s/policies=%d", kind, n), func(b *testing.B) {
 				c := benchClusterFor(b, n)
-				bl := policy.NewBuilder(policy.Options{})
-				for i := range c.st.Namespaces {
-					bl.SetNamespace(&c.st.Namespaces[i])
-				}
-				for i := range c.st.Pods {
-					bl.SetPod(&c.st.Pods[i])
-				}
-				for i := range c.st.Policies {
-					bl.SetPolicy(&c.st.Policies[i])
-				}
+				bl := builderOf(c.st, policy.Options{})
 				gen := uint64(1)
 				if _, err := bl.Build(gen); err != nil {
 					b.Fatal(err)
@@ -362,16 +350,7 @@ func TestBuilderNamespaceThenPolicy(t *testing.T) {
 // instead of growing without end.
 func TestBuilderBoundsLeftovers(t *testing.T) {
 	st := clustergen.Generate(20, 5)
-	b := policy.NewBuilder(policy.Options{})
-	for i := range st.Namespaces {
-		b.SetNamespace(&st.Namespaces[i])
-	}
-	for i := range st.Pods {
-		b.SetPod(&st.Pods[i])
-	}
-	for i := range st.Policies {
-		b.SetPolicy(&st.Policies[i])
-	}
+	b := builderOf(st, policy.Options{})
 	if _, err := b.Build(1); err != nil {
 		t.Fatal(err)
 	}
@@ -393,4 +372,19 @@ func TestBuilderBoundsLeftovers(t *testing.T) {
 		t.Errorf("20000 relabels: only %d patches (%d full compiles)", patched, compiled)
 	}
 	t.Logf("20000 relabels: %d patches, %d full compiles", patched, compiled)
+}
+
+// builderOf returns a Builder holding st's objects, not built yet.
+func builderOf(st *policy.State, opt policy.Options) *policy.Builder {
+	b := policy.NewBuilder(opt)
+	for i := range st.Namespaces {
+		b.SetNamespace(&st.Namespaces[i])
+	}
+	for i := range st.Pods {
+		b.SetPod(&st.Pods[i])
+	}
+	for i := range st.Policies {
+		b.SetPolicy(&st.Policies[i])
+	}
+	return b
 }

@@ -54,16 +54,7 @@ func TestDecideConcurrent(t *testing.T) {
 func TestBuilderConcurrent(t *testing.T) {
 	st := clustergen.Generate(200, 3)
 	flows := clustergen.Flows(st, 500, 4)
-	b := policy.NewBuilder(policy.Options{})
-	for i := range st.Namespaces {
-		b.SetNamespace(&st.Namespaces[i])
-	}
-	for i := range st.Pods {
-		b.SetPod(&st.Pods[i])
-	}
-	for i := range st.Policies {
-		b.SetPolicy(&st.Policies[i])
-	}
+	b := builderOf(st, policy.Options{})
 	snap, err := b.Build(1)
 	if err != nil {
 		t.Fatal(err)
