@@ -586,36 +586,27 @@ func (w *world) floodAndProbe(denied, allowed netip.AddrPort) floodOutcome {
 	// here), on their own goroutine so the slower allowed probes do not thin them out, give the
 	// control run a chance that does not depend on the machine's speed.
 	var probes sync.WaitGroup
-	probes.Add(2)
-	go func() {
-		defer probes.Done()
-		for {
-			select {
-			case <-done:
-				return
-			default:
+	// untilDone tries dst over and over until the flood ends, counting tries and successes.
+	untilDone := func(dst netip.AddrPort, timeout, pause time.Duration, tries, ok *int) {
+		probes.Add(1)
+		go func() {
+			defer probes.Done()
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				*tries++
+				if exchange(w.hosts["other"], 0, dst, timeout) == nil {
+					*ok++
+				}
+				time.Sleep(pause)
 			}
-			o.deniedTries++
-			if exchange(w.hosts["other"], 0, denied, 250*time.Millisecond) == nil {
-				o.deniedOK++
-			}
-		}
-	}()
-	go func() {
-		defer probes.Done()
-		for {
-			select {
-			case <-done:
-				return
-			default:
-			}
-			o.allowedTries++
-			if exchange(w.hosts["other"], 0, allowed, probeTimeout) == nil {
-				o.allowedOK++
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
-	}()
+		}()
+	}
+	untilDone(denied, 250*time.Millisecond, 0, &o.deniedTries, &o.deniedOK)
+	untilDone(allowed, probeTimeout, 200*time.Millisecond, &o.allowedTries, &o.allowedOK)
 	probes.Wait()
 	if floodErr != nil {
 		w.t.Fatal(floodErr)
