@@ -38,3 +38,41 @@ func TestDecideZeroAlloc(t *testing.T) {
 		}
 	}
 }
+
+// TestUnchangedZeroAlloc: caches ask Unchanged on the packet path, across the longest log a
+// snapshot keeps.
+func TestUnchangedZeroAlloc(t *testing.T) {
+	st := clustergen.Generate(1000, 1)
+	flows := clustergen.Flows(st, 2000, 2)
+	b := builderOf(st, policy.Options{})
+	first, err := b.Build(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := first
+	for i := range 63 {
+		p := *st.Pods[i].DeepCopy()
+		p.Labels = map[string]string{"moved": "yes"}
+		b.SetPod(&p)
+		if snap, err = b.Build(uint64(i + 2)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vouched := 0
+	for _, f := range flows {
+		if snap.Unchanged(f, first.Serial()) {
+			vouched++
+		}
+	}
+	if vouched == 0 || vouched == len(flows) {
+		t.Fatalf("Unchanged vouched for %d of %d flows after 63 pod changes; the test would prove little", vouched, len(flows))
+	}
+	i := 0
+	allocs := testing.AllocsPerRun(20000, func() {
+		snap.Unchanged(flows[i%len(flows)], first.Serial())
+		i++
+	})
+	if allocs != 0 {
+		t.Errorf("Unchanged allocates %.2f times per call, want 0", allocs)
+	}
+}

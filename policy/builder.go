@@ -302,6 +302,7 @@ type patcher struct {
 	shards4  [addrShards]bool
 	shards6  [addrShards]bool
 	sets     map[int32]bool
+	touched  touched // addresses whose flows may change verdict (changes.go)
 }
 
 // patch builds the next snapshot from the last one and the changed objects; false when a
@@ -312,10 +313,11 @@ func (b *Builder) patch(opt Options) (*Snapshot, bool) {
 	s := new(Snapshot)
 	*s = *old
 	s.opt = opt
+	s.serial = serials.Add(1)
 	s.hot = slices.Clone(old.hot)
 	s.pods = slices.Clone(old.pods)
 	s.sets = slices.Clone(old.sets)
-	p := &patcher{b: b, c: b.c, s: s, hotPages: map[int]bool{}, podPages: map[int]bool{}, sets: map[int32]bool{}}
+	p := &patcher{b: b, c: b.c, s: s, hotPages: map[int]bool{}, podPages: map[int]bool{}, sets: map[int32]bool{}, touched: touched{}}
 	b.c.s = s // the compiler's rules, sets, lists, entries and ports appends go to the new snapshot
 	// Namespaces first: policies resolve new peer selectors against them. Then policies, on
 	// the pods as they were; the changed pods then take their isolation from the policies as
@@ -343,6 +345,7 @@ func (b *Builder) patch(opt Options) (*Snapshot, bool) {
 	}
 	s.stats.Pods = s.npods - s.dead
 	s.stats.PeerSets = len(s.sets)
+	p.touched.record(s, old)
 	return s, true
 }
 
@@ -449,6 +452,7 @@ func (p *patcher) isolate(id podID) {
 	b, c := p.b, p.c
 	cp := p.writablePod(id)
 	p.writableHot(id)
+	p.touched.add(cp.ips)
 	cp.ingressBy, cp.egressBy = nil, nil
 	for _, pi := range b.nsPolicies[cp.ref.Namespace] {
 		if !cp.local {
@@ -520,6 +524,8 @@ func (p *patcher) pod(ref PodRef) bool {
 	for _, a := range cp.ips {
 		b.claimants[a] = append(b.claimants[a], id)
 	}
+	p.touched.add(oldIPs)
+	p.touched.add(cp.ips)
 	for _, a := range oldIPs {
 		p.own(a)
 	}
@@ -543,6 +549,7 @@ func (p *patcher) member(si int32, id podID, had, in bool) {
 	if was := had && s.sets[si].contains(id); now == was {
 		return
 	}
+	p.touched.add(s.pod(id).ips)
 	set := &s.sets[si]
 	if !p.sets[si] {
 		p.sets[si] = true

@@ -27,13 +27,15 @@ import (
 // compares), and the snapshot before it must still answer as it did (readers of an older
 // generation never see a later change).
 
-var builderSteps, builderPatched atomic.Int64
+var builderSteps, builderPatched, unchangedVouched, unchangedChecked atomic.Int64
 
 // `go test` runs 100 random sequences on small and 100 on large clusters; SLUICE_DIFF_FLOWS=N
 // (the long mode of TestDifferential) goes on until N flows were checked.
 func TestBuilderDifferential(t *testing.T) {
 	builderSteps.Store(0)
 	builderPatched.Store(0)
+	unchangedVouched.Store(0)
+	unchangedChecked.Store(0)
 	flows0 := diffFlowsChecked.Load()
 	var target int64
 	if v := os.Getenv("SLUICE_DIFF_FLOWS"); v != "" {
@@ -51,6 +53,13 @@ func TestBuilderDifferential(t *testing.T) {
 	steps, patched := builderSteps.Load(), builderPatched.Load()
 	t.Logf("builder: %d builds after random changes checked against the reference (%d flows), %d of them patches",
 		steps, diffFlowsChecked.Load()-flows0, patched)
+	vouched, checked := unchangedVouched.Load(), unchangedChecked.Load()
+	t.Logf("Unchanged vouched for %d of %d (flow, older snapshot) pairs (%.0f%%); each was held to the older verdict",
+		vouched, checked, 100*float64(vouched)/float64(max(checked, 1)))
+	// An Unchanged that never vouches would pass the check above and keep no cache warm.
+	if !t.Failed() && vouched*5 < checked {
+		t.Fatalf("Unchanged vouched for only %d of %d pairs", vouched, checked)
+	}
 	// Most steps change pods only; if they all compiled everything the patch path went untested.
 	if !t.Failed() && patched*2 < steps {
 		t.Fatalf("only %d of %d builds patched the last snapshot", patched, steps)
@@ -100,6 +109,8 @@ func builderProperty(rt *rapid.T, cfg *diffConfig) {
 	}
 	nextPod := cfg.maxPods
 	nextPolicy := cfg.maxPolicies
+	// The last snapshots, to hold Unchanged to what they answered.
+	history := []*policy.Snapshot{snap}
 	seed := rapid.Uint64().Draw(rt, "flowseed")
 	flows := max(cfg.flowsPerCheck/5, 100)
 	for step, n := 0, rapid.IntRange(1, 25).Draw(rt, "steps"); step < n; step++ {
@@ -216,6 +227,36 @@ func builderProperty(rt *rapid.T, cfg *diffConfig) {
 		}
 		if got := prev.LocalPodIPs(); !slices.Equal(got, beforeLocal) {
 			rt.Fatalf("step %d (%v): the previous generation's LocalPodIPs() changed from %v to %v", step, log, beforeLocal, got)
+		}
+		checkUnchanged(rt, step, log, snap, history, append(probe, clustergenFlows(r, st, 64)...))
+		history = append(history[max(0, len(history)-7):], snap)
+	}
+}
+
+// checkUnchanged holds snap's Unchanged and ChangedSince to the verdicts of the older snapshots
+// in history: a flow snap vouches for has the verdict it had there.
+func checkUnchanged(rt *rapid.T, step int, log []string, snap *policy.Snapshot, history []*policy.Snapshot, flows []policy.Flow) {
+	for _, h := range history {
+		changed, known := snap.ChangedSince(h.Serial())
+		for _, f := range flows {
+			same := snap.Unchanged(f, h.Serial())
+			unchangedChecked.Add(1)
+			if same {
+				unchangedVouched.Add(1)
+				if got, was := snap.Decide(f), h.Decide(f); got != was {
+					rt.Fatalf("step %d (%v): %s -> %s %d/%s is vouched for since generation %d, but its verdict changed from %v to %v",
+						step, log, f.Src, f.Dst, f.Port, f.Proto, h.Generation(), was, got)
+				}
+			}
+			if known {
+				listed := slices.Contains(changed, f.Src) || slices.Contains(changed, f.Dst)
+				if listed == same {
+					rt.Fatalf("step %d (%v): %s -> %s: Unchanged since generation %d says %v, but ChangedSince lists an end: %v",
+						step, log, f.Src, f.Dst, h.Generation(), same, listed)
+				}
+			} else if same {
+				rt.Fatalf("step %d (%v): Unchanged vouches for %s -> %s since generation %d, which ChangedSince does not know", step, log, f.Src, f.Dst, h.Generation())
+			}
 		}
 	}
 }

@@ -47,7 +47,7 @@ func compile(st *State, opt Options, bounded bool) (*Snapshot, error) {
 func compileWith(st *State, opt Options, bounded bool) (*compiler, error) {
 	c := &compiler{
 		bounded:  bounded,
-		s:        &Snapshot{opt: opt},
+		s:        &Snapshot{opt: opt, serial: serials.Add(1)},
 		portIDs:  make(map[string]portName),
 		nsLabels: make(map[string]labels.Set),
 		nsPods:   make(map[string][]podID),
