@@ -9,21 +9,24 @@ import (
 // DefaultCacheSize is the number of flows each worker remembers.
 const DefaultCacheSize = 65536
 
-// cached is a verdict with the generation of the snapshot that gave it.
+// cached is a verdict with the serial of the snapshot that gave it, or last vouched for it.
 type cached struct {
-	gen uint64
-	v   policy.Verdict
+	serial uint64
+	v      policy.Verdict
 }
 
 // FlowCache remembers verdicts per flow (source IP, destination IP, protocol, destination port)
-// for one worker, so it needs no lock. An entry is valid only for the snapshot generation that
-// produced it: a new snapshot makes every entry stale without a purge, and the stale entry's
-// slot is overwritten in place on the next miss.
+// for one worker, so it needs no lock. An entry answers for the snapshot that produced it, and
+// for a later one that vouches the flow's verdict is unchanged (Snapshot.Unchanged: neither end
+// was touched by the patches between them); otherwise it is decided again and overwritten in
+// place. So a pod change elsewhere in the cluster leaves the cache warm, and a full compile
+// makes every entry stale without a purge.
 //
 // simplelru allocates one list element when it adds a new key; a hit, and the refresh of a
 // stale key, allocate nothing.
 type FlowCache struct {
-	lru *simplelru.LRU[policy.Flow, cached]
+	lru         *simplelru.LRU[policy.Flow, cached]
+	revalidated uint64 // hits on entries of an older snapshot that the current one vouched for
 }
 
 // NewFlowCache makes a cache of size entries (DefaultCacheSize when size <= 0).
@@ -42,12 +45,19 @@ func NewFlowCache(size int) *FlowCache {
 // Decide answers from the cache or asks the snapshot and remembers the answer. hit reports
 // whether the cache answered.
 func (c *FlowCache) Decide(s *policy.Snapshot, f policy.Flow) (v policy.Verdict, hit bool) {
-	gen := s.Generation()
-	if e, ok := c.lru.Get(f); ok && e.gen == gen {
-		return e.v, true
+	serial := s.Serial()
+	if e, ok := c.lru.Get(f); ok {
+		if e.serial == serial {
+			return e.v, true
+		}
+		if s.Unchanged(f, e.serial) {
+			c.lru.Add(f, cached{serial: serial, v: e.v})
+			c.revalidated++
+			return e.v, true
+		}
 	}
 	v = s.Decide(f)
-	c.lru.Add(f, cached{gen: gen, v: v})
+	c.lru.Add(f, cached{serial: serial, v: v})
 	return v, false
 }
 

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+
 	"github.com/sluice-dev/sluice/policy"
 )
 
@@ -252,6 +254,66 @@ func TestFlowCache(t *testing.T) {
 	}
 	if hits != 2 || misses != 5 {
 		t.Fatalf("hits %d misses %d", hits, misses)
+	}
+}
+
+// TestFlowCacheKeepsUnchangedFlows: after a patch, the flows whose ends the patch did not touch
+// are still answered from the cache, and those it touched are decided again.
+func TestFlowCacheKeepsUnchangedFlows(t *testing.T) {
+	st, _, err := policy.Load(strings.NewReader(testState), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := policy.NewBuilder(policy.Options{})
+	for i := range st.Namespaces {
+		b.SetNamespace(&st.Namespaces[i])
+	}
+	for i := range st.Policies {
+		b.SetPolicy(&st.Policies[i])
+	}
+	var dnsPod *corev1.Pod
+	for i := range st.Pods {
+		b.SetPod(&st.Pods[i])
+		if st.Pods[i].Name == "dns" {
+			dnsPod = &st.Pods[i]
+		}
+	}
+	s1, err := b.Build(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewFlowCache(16)
+	toBackend := policy.Flow{Src: fe, Dst: be, Proto: policy.TCP, Port: 8080}
+	toDNS := policy.Flow{Src: fe, Dst: dns, Proto: policy.UDP, Port: 53}
+	for _, f := range []policy.Flow{toBackend, toDNS} {
+		if v, hit := c.Decide(s1, f); hit || !v.Allowed {
+			t.Fatalf("%v under s1: hit=%v %v, want a miss, allowed", f, hit, v)
+		}
+	}
+	// The dns pod loses the label allow-dns selects it by: its port 53 falls under deny-all.
+	relabelled := *dnsPod.DeepCopy()
+	relabelled.Labels = map[string]string{"k8s-app": "other"}
+	b.SetPod(&relabelled)
+	s2, err := b.Build(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if patched, _ := b.Builds(); patched != 1 {
+		t.Fatalf("the relabel did not patch (%d patches); the test needs a patched snapshot", patched)
+	}
+	if v, hit := c.Decide(s2, toBackend); !hit || !v.Allowed {
+		t.Fatalf("frontend -> backend under s2: hit=%v %v, want a hit, allowed: the patch did not touch either end", hit, v)
+	}
+	if c.revalidated != 1 {
+		t.Fatalf("revalidated = %d, want 1", c.revalidated)
+	}
+	if v, hit := c.Decide(s2, toDNS); hit || v.Allowed {
+		t.Fatalf("frontend -> dns under s2: hit=%v %v, want a miss, denied", hit, v)
+	}
+	// A full compile vouches for nothing.
+	s3 := compileTest(t, 3, "")
+	if _, hit := c.Decide(s3, toBackend); hit {
+		t.Fatal("a compiled snapshot's first lookup hit an entry of another snapshot")
 	}
 }
 

@@ -10,11 +10,12 @@ import (
 )
 
 // FlowRecorder mirrors decided flows into the kernel so later connections skip the queue (the
-// ipset offload, filter/offload). RecordGen must not block; FlushGen empties the kernel's copy
-// when a new snapshot takes over, and drops verdicts of older generations still on their way.
+// ipset offload, filter/offload). Record, given the serial of the deciding snapshot, must not
+// block; Publish puts a new snapshot in force there: the kernel's copies of the verdicts it may
+// have changed go, and so do such verdicts still on their way.
 type FlowRecorder interface {
-	RecordGen(gen uint64, f policy.Flow, allowed bool)
-	FlushGen(gen uint64) error
+	Record(serial uint64, f policy.Flow, allowed bool)
+	Publish(s *policy.Snapshot) error
 }
 
 // Config configures the packet path.
@@ -68,8 +69,9 @@ func NewEngine(cfg Config) *Engine {
 func (e *Engine) Counters() Counters { return e.count.sum() }
 
 // Publish makes s the snapshot every later packet is judged by. Flow caches notice the new
-// generation by themselves; the offload is flushed. It returns the flush's error: until a
-// flush succeeds, verdicts of the old snapshot may survive in the kernel.
+// snapshot by themselves and keep what it vouches for; the offload drops what it does not. It
+// returns the offload's error: until a flush succeeds, verdicts of the old snapshot may
+// survive in the kernel.
 func (e *Engine) Publish(s *policy.Snapshot) error {
 	if s == nil {
 		return nil
@@ -81,7 +83,7 @@ func (e *Engine) Publish(s *policy.Snapshot) error {
 	e.log.Info("policy snapshot in use", "generation", s.Generation(), "pods", st.Pods,
 		"local_pods", st.LocalPods, "policies", st.Policies, "namespaces", st.Namespaces)
 	if e.cfg.Offload != nil {
-		return e.cfg.Offload.FlushGen(s.Generation())
+		return e.cfg.Offload.Publish(s)
 	}
 	return nil
 }
@@ -168,7 +170,7 @@ func (p *Path) record(s *policy.Snapshot, o outcome, now int64) Verdict {
 	// allowed the other way, which sluice admits after a conntrack flush. Audit offloads no
 	// deny at all.
 	if o.Judged && e.cfg.Offload != nil && (o.Accept || (!e.cfg.Audit && p.pkt.Opening())) {
-		e.cfg.Offload.RecordGen(s.Generation(), p.pkt.Flow, o.Accept)
+		e.cfg.Offload.Record(s.Serial(), p.pkt.Flow, o.Accept)
 	}
 	if v != Accept || (e.debug && o.Reason != ReasonTracked) {
 		if ok, suppressed := p.lim.allow(p.pkt.Flow, now); ok {

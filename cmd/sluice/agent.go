@@ -452,7 +452,7 @@ func (a *agent) updateLocalPods(s *policy.Snapshot) {
 func (a *agent) keepRules() error {
 	a.log.Info("fail-closed: leaving the kernel rules in place for the next agent (sluice agent --cleanup removes them)")
 	if a.offload != nil {
-		return a.offload.FlushGen(^uint64(0))
+		return a.offload.Forget()
 	}
 	return nil
 }

@@ -95,13 +95,11 @@ func (g *integrity) check() {
 		g.count(r.Counters())
 	}
 	if a.staleOffload.Load() && a.offload != nil {
-		if s := a.engine.Snapshot(); s != nil {
-			if err := a.offload.FlushGen(s.Generation()); err != nil {
-				a.log.Error("flushing offloaded verdicts still fails", "err", err)
-			} else {
-				a.staleOffload.Store(false)
-				a.log.Info("offloaded verdicts flushed")
-			}
+		if err := a.offload.Flush(); err != nil {
+			a.log.Error("flushing offloaded verdicts still fails", "err", err)
+		} else {
+			a.staleOffload.Store(false)
+			a.log.Info("offloaded verdicts flushed")
 		}
 	}
 	g.mu.Lock()

@@ -17,24 +17,26 @@ import (
 	nfqueue "github.com/florianl/go-nfqueue/v2"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/sluice-dev/sluice/filter"
 	"github.com/sluice-dev/sluice/policy"
 )
 
 func TestOffloadRecordDoesNotAllocate(t *testing.T) {
-	// RecordGen touches only the queue and counters, so a kernel-less Offload measures it.
+	// Record touches only the queue and counters, so a kernel-less Offload measures it.
 	o := &Offload{q: make(chan offloadItem, 8)}
 	f := policy.Flow{Src: netip.MustParseAddr("10.244.0.2"), Dst: netip.MustParseAddr("10.244.1.2"), Proto: policy.TCP, Port: 80}
-	allocs := testing.AllocsPerRun(1000, func() { o.RecordGen(1, f, true) })
+	allocs := testing.AllocsPerRun(1000, func() { o.Record(1, f, true) })
 	if allocs != 0 {
-		t.Fatalf("RecordGen allocates %.1f times per call; the packet path must not allocate", allocs)
+		t.Fatalf("Record allocates %.1f times per call; the packet path must not allocate", allocs)
 	}
 	st := o.stats()
 	if st.Recorded != 8 || st.Dropped == 0 {
 		t.Fatalf("a full queue must drop and count: %+v", st)
 	}
-	o.RecordGen(1, policy.Flow{Src: f.Src, Dst: f.Dst, Proto: 1}, true)
+	o.Record(1, policy.Flow{Src: f.Src, Dst: f.Dst, Proto: 1}, true)
 	if o.stats().Skipped != 1 {
 		t.Fatalf("ICMP must not be offloaded: %+v", o.stats())
 	}
@@ -174,6 +176,40 @@ func TestOffloadRealPackets(t *testing.T) {
 		}
 	})
 
+	// The snapshots come from a Builder over the lab's two pods and a third one elsewhere,
+	// whose changes touch neither end of the lab's flows.
+	pods := policy.NewBuilder(policy.Options{})
+	pods.SetNamespace(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "lab"}})
+	setPod := func(name string, ip netip.Addr, app string) {
+		pods.SetPod(&corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "lab", Name: name, Labels: map[string]string{"app": app}},
+			Spec:       corev1.PodSpec{NodeName: "n"},
+			Status:     corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip.String(), PodIPs: []corev1.PodIP{{IP: ip.String()}}},
+		})
+	}
+	setPod("a", l.aIP, "a")
+	setPod("b", l.bIP, "b")
+	setPod("c", netip.MustParseAddr("10.244.2.2"), "c")
+	var cur atomic.Pointer[policy.Snapshot]
+	gen := uint64(0)
+	publish := func(what string) *policy.Snapshot {
+		t.Helper()
+		gen++
+		s, err := pods.Build(gen)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if patched, _ := pods.Builds(); gen > 1 && patched != int(gen-1) {
+			t.Fatalf("%s: the Builder compiled everything; the test needs a patched snapshot", what)
+		}
+		cur.Store(s)
+		if err := o.Publish(s); err != nil {
+			t.Fatalf("%s: Publish: %v", what, err)
+		}
+		return s
+	}
+	publish("the first snapshot")
+
 	// The queue reader plays the agent: port 8080 is allowed, 8081 denied; every verdict is
 	// recorded for offload.
 	nsh, err := netns.GetFromName(l.node)
@@ -199,7 +235,7 @@ func TestOffloadRealPackets(t *testing.T) {
 				if !allowed {
 					verdict = nfqueue.NfDrop
 				}
-				o.RecordGen(o.gen.Load(), f, allowed)
+				o.Record(cur.Load().Serial(), f, allowed)
 			}
 		}
 		q.SetVerdict(*a.PacketID, verdict)
@@ -281,38 +317,87 @@ func TestOffloadRealPackets(t *testing.T) {
 		t.Fatal("denied flow is in the allow set")
 	}
 
-	// A policy change flushes: the next connection is decided in user space again.
-	if err := o.FlushGen(o.gen.Load() + 1); err != nil {
-		t.Fatal(err)
-	}
-	if o.stats().Flushes == 0 {
-		t.Fatal("FlushGen did not run")
-	}
-	if has(s.Allow4, 8080) || has(s.Deny4, 8081) {
-		t.Fatal("entries survived FlushGen")
+	// A change elsewhere (pod c) keeps both entries: repeat connections stay in the kernel.
+	flushes := o.stats().Flushes
+	setPod("c", netip.MustParseAddr("10.244.2.2"), "c2")
+	publish("relabel pod c")
+	if !has(s.Allow4, 8080) || !has(s.Deny4, 8081) {
+		t.Fatal("a change that touched neither end of the flows removed their entries")
 	}
 	before = queued.Load()
 	if err := dial(8080, 3*time.Second); err != nil {
-		t.Fatalf("connection after flush: %v", err)
+		t.Fatalf("connection after an unrelated change: %v", err)
+	}
+	if n := queued.Load(); n != before {
+		t.Fatalf("after an unrelated change a repeat connection reached the queue (%d packets, want %d)", n, before)
+	}
+	if st := o.stats(); st.Flushes != flushes || st.Deleted != 0 {
+		t.Fatalf("an unrelated change flushed or deleted: %+v", st)
+	}
+
+	// A change of pod b deletes the entries with b at an end, and only by deleting them.
+	setPod("b", l.bIP, "b2")
+	publish("relabel pod b")
+	if has(s.Allow4, 8080) || has(s.Deny4, 8081) {
+		t.Fatal("entries of a changed pod survived Publish")
+	}
+	if st := o.stats(); st.Flushes != flushes || st.Deleted != 2 {
+		t.Fatalf("want the two entries deleted and no flush: %+v", st)
+	}
+	before = queued.Load()
+	if err := dial(8080, 3*time.Second); err != nil {
+		t.Fatalf("connection after the change: %v", err)
 	}
 	if queued.Load() == before {
-		t.Fatal("after FlushGen the connection did not reach the queue: a stale verdict survived")
+		t.Fatal("after the change the connection did not reach the queue: a stale verdict survived")
+	}
+	waitFor(t, "the flow to be offloaded again", func() bool { return has(s.Allow4, 8080) })
+	// Pod a's list still holds the entries deleted through b: deleting them again is no error.
+	setPod("a", l.aIP, "a2")
+	publish("relabel pod a")
+	if has(s.Allow4, 8080) {
+		t.Fatal("the entry of a changed pod survived Publish")
+	}
+	if st := o.stats(); st.Flushes != flushes || st.Deleted != 3 {
+		t.Fatalf("want one more entry deleted and no flush: %+v", st)
+	}
+	if err := dial(8080, 3*time.Second); err != nil {
+		t.Fatal(err)
 	}
 	waitFor(t, "the flow to be offloaded again", func() bool { return has(s.Allow4, 8080) })
 
-	// A verdict from before a flush must not land after it.
-	gen := o.gen.Load()
-	if err := o.FlushGen(gen + 5); err != nil {
-		t.Fatal(err)
-	}
-	o.RecordGen(gen, policy.Flow{Src: l.aIP, Dst: l.bIP, Proto: policy.TCP, Port: 9999}, true)
-	o.RecordGen(gen+5, policy.Flow{Src: l.aIP, Dst: l.bIP, Proto: policy.TCP, Port: 9998}, true)
-	waitFor(t, "the current-generation verdict to land", func() bool { return has(s.Allow4, 9998) })
+	// A verdict in flight lands only if the snapshot in force by then vouches for it.
+	s3 := cur.Load()
+	setPod("c", netip.MustParseAddr("10.244.2.2"), "c")
+	publish("relabel pod c again")
+	o.Record(s3.Serial(), policy.Flow{Src: l.aIP, Dst: l.bIP, Proto: policy.TCP, Port: 9997}, true)
+	waitFor(t, "a verdict the new snapshot vouches for to land", func() bool { return has(s.Allow4, 9997) })
+	setPod("b", l.bIP, "b")
+	publish("relabel pod b again")
+	o.Record(s3.Serial(), policy.Flow{Src: l.aIP, Dst: l.bIP, Proto: policy.TCP, Port: 9999}, true)
+	o.Record(cur.Load().Serial(), policy.Flow{Src: l.aIP, Dst: l.bIP, Proto: policy.TCP, Port: 9998}, true)
+	waitFor(t, "the current snapshot's verdict to land", func() bool { return has(s.Allow4, 9998) })
 	if has(s.Allow4, 9999) {
-		t.Fatal("a verdict of an older generation was written after FlushGen")
+		t.Fatal("a verdict of an older snapshot was written after a change that touched its flow")
 	}
 	if st := o.stats(); st.Stale == 0 || st.Errors != 0 {
 		t.Fatalf("stats: %+v", st)
+	}
+
+	// A snapshot that cannot tell what changed (a full compile) flushes.
+	compiled, err := policy.Compile(pods.State(), policy.Options{Generation: gen + 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.Store(compiled)
+	if err := o.Publish(compiled); err != nil {
+		t.Fatal(err)
+	}
+	if o.stats().Flushes != flushes+1 {
+		t.Fatalf("a full compile did not flush: %+v", o.stats())
+	}
+	if has(s.Allow4, 8080) || has(s.Allow4, 9998) || has(s.Deny4, 8081) {
+		t.Fatal("entries survived the flush")
 	}
 }
 
