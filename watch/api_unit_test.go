@@ -57,7 +57,9 @@ func TestNeutraliseKeepsIsolation(t *testing.T) {
 	}
 	s := NewAPISource(nil, policy.Options{}, testLogger(t), 0)
 	pub := newPublisher("test", s.opt, testLogger(t))
-	snap, err := pub.compile(st)
+	objs := newFileObjects(s.opt)
+	objs.update(st)
+	snap, err := pub.build(objs.b)
 	snap, err = s.accept(snap, err, func(key string) string {
 		for i := range st.Policies {
 			if st.Policies[i].Namespace+"/"+st.Policies[i].Name == key {

@@ -15,6 +15,9 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	apiequality "k8s.io/apimachinery/pkg/api/equality"
 
 	"github.com/sluice-dev/sluice/policy"
 )
@@ -93,6 +96,7 @@ func (s *FileSource) Run(ctx context.Context, publish func(*policy.Snapshot)) er
 		settle = DefaultSettle
 	}
 	pub := newPublisher("file", s.opt, s.log)
+	objs := newFileObjects(s.opt)
 	// The watch is set up before the first read, so a write in between is not missed.
 	timer := time.NewTimer(0)
 	defer timer.Stop()
@@ -153,7 +157,7 @@ func (s *FileSource) Run(ctx context.Context, publish func(*policy.Snapshot)) er
 				}
 				unfinished = nil
 				var snap *policy.Snapshot
-				if snap, err = s.load(pub, abs, raw); err == nil {
+				if snap, err = s.load(pub, objs, abs, raw); err == nil {
 					inForce = sum[:]
 					metricStale.WithLabelValues("file").Set(0)
 					publish(snap)
@@ -217,8 +221,10 @@ func relevant(ev fsnotify.Event, base string) bool {
 	return name == base || strings.HasPrefix(name, "..")
 }
 
-// load parses and compiles raw, the bytes read from the file at path.
-func (s *FileSource) load(pub *publisher, path string, raw []byte) (*policy.Snapshot, error) {
+// load parses raw, the bytes read from the file at path, and builds its snapshot: a patch of
+// the last one when only some objects changed, so that the flow caches and the offload keep the
+// verdicts of what did not.
+func (s *FileSource) load(pub *publisher, objs *fileObjects, path string, raw []byte) (*policy.Snapshot, error) {
 	st, notes, err := policy.Load(bytes.NewReader(raw), path)
 	if err != nil {
 		return nil, err
@@ -226,9 +232,55 @@ func (s *FileSource) load(pub *publisher, path string, raw []byte) (*policy.Snap
 	for _, n := range notes {
 		s.log.Info("state file note", "note", n)
 	}
-	snap, err := pub.compile(st)
+	objs.update(st)
+	snap, err := pub.build(objs.b)
 	if err != nil {
 		return nil, fmt.Errorf("compiling the policies: %w", err)
 	}
 	return snap, nil
+}
+
+// fileObjects are the objects of the last file read, in a Builder: each new file tells it
+// only the objects that were added, changed or removed.
+type fileObjects struct {
+	b    *policy.Builder
+	nss  map[string]*corev1.Namespace
+	pods map[policy.PodRef]*corev1.Pod
+	pols map[policy.PodRef]*networkingv1.NetworkPolicy
+}
+
+func newFileObjects(opt policy.Options) *fileObjects {
+	return &fileObjects{b: policy.NewBuilder(opt)}
+}
+
+// update tells the Builder how st differs from the last file (policy.Load has refused a file
+// that names an object twice).
+func (o *fileObjects) update(st *policy.State) {
+	o.nss = diffObjects(o.nss, st.Namespaces, func(ns *corev1.Namespace) string { return ns.Name },
+		o.b.SetNamespace, o.b.DeleteNamespace)
+	o.pods = diffObjects(o.pods, st.Pods, func(p *corev1.Pod) policy.PodRef { return policy.PodRef{Namespace: p.Namespace, Name: p.Name} },
+		o.b.SetPod, func(r policy.PodRef) { o.b.DeletePod(r.Namespace, r.Name) })
+	o.pols = diffObjects(o.pols, st.Policies, func(np *networkingv1.NetworkPolicy) policy.PodRef {
+		return policy.PodRef{Namespace: np.Namespace, Name: np.Name}
+	}, o.b.SetPolicy, func(r policy.PodRef) { o.b.DeletePolicy(r.Namespace, r.Name) })
+}
+
+// diffObjects indexes items by key, calls set for each one that is new or differs from its
+// version in last and del for each key of last that is gone, and returns the index.
+func diffObjects[K comparable, T any](last map[K]*T, items []T, key func(*T) K, set func(*T), del func(K)) map[K]*T {
+	now := make(map[K]*T, len(items))
+	for i := range items {
+		now[key(&items[i])] = &items[i]
+	}
+	for k, it := range now {
+		if old, ok := last[k]; !ok || !apiequality.Semantic.DeepEqual(old, it) {
+			set(it)
+		}
+	}
+	for k := range last {
+		if _, ok := now[k]; !ok {
+			del(k)
+		}
+	}
+	return now
 }

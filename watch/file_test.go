@@ -374,3 +374,64 @@ func TestFileSourceSettlesUnfinishedLine(t *testing.T) {
 		t.Errorf("web->db:5432 denied by the settled file: %v", v)
 	}
 }
+
+// TestFileSourcePatches: a rewrite that changes one pod patches the last snapshot, which then
+// vouches for the flows between the pods it did not touch (what keeps the flow caches and the
+// offload warm), and answers as a fresh compile of the file would.
+func TestFileSourcePatches(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state.yaml")
+	cache := `---
+apiVersion: v1
+kind: Pod
+metadata: {name: cache, namespace: shop, labels: {tier: cache}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: 10.244.0.30, podIPs: [{ip: 10.244.0.30}]}
+`
+	writeAtomic(t, path, fileStateHeader+cache+dbPolicy("5432"))
+	ch := runFile(t, path, time.Second)
+	s1 := nextSnap(t, ch, "first load")
+	patches := metricValue(metricBuilds.WithLabelValues("file", "patch"))
+
+	relabelled := strings.Replace(cache, "tier: cache", "tier: frontend", 1)
+	writeAtomic(t, path, fileStateHeader+relabelled+dbPolicy("5432"))
+	s2 := nextSnap(t, ch, "the cache pod relabelled")
+	if got := metricValue(metricBuilds.WithLabelValues("file", "patch")); got != patches+1 {
+		t.Fatalf("the rewrite was not built as a patch (sluice_watch_builds_total{kind=patch} %v -> %v)", patches, got)
+	}
+	cacheToDB := policy.Flow{Src: netip.MustParseAddr("10.244.0.30"), Dst: netip.MustParseAddr("10.244.0.20"), Proto: policy.TCP, Port: 5432}
+	if !s2.Unchanged(webToDB(5432), s1.Serial()) {
+		t.Error("web -> db: the patch touched neither pod, but the new snapshot does not vouch for the old verdict")
+	}
+	if s2.Unchanged(cacheToDB, s1.Serial()) {
+		t.Error("cache -> db: the patch relabelled the cache pod, but the new snapshot vouches for the old verdict")
+	}
+	st, _, err := policy.LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fresh, err := policy.Compile(st, policy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []policy.Flow{webToDB(5432), webToDB(6379), cacheToDB} {
+		if got, want := s2.Decide(f), fresh.Decide(f); got != want {
+			t.Errorf("%v: the patched snapshot says %v, a fresh compile %v", f, got, want)
+		}
+	}
+	if s1.Decide(cacheToDB).Allowed || !s2.Decide(cacheToDB).Allowed {
+		t.Errorf("cache -> db:5432 went from %v to %v, want denied, then allowed", s1.Decide(cacheToDB), s2.Decide(cacheToDB))
+	}
+
+	// The same pod twice (which the Builder could not hold): the file is refused and the last
+	// snapshot stays.
+	loadErrs := metricValue(metricErrors.WithLabelValues("file", "load"))
+	writeAtomic(t, path, fileStateHeader+relabelled+cache+dbPolicy("5432"))
+	eventually(t, "a file with a pod twice is counted as a load error", func() bool {
+		return metricValue(metricErrors.WithLabelValues("file", "load")) > loadErrs
+	})
+	select {
+	case s := <-ch:
+		t.Fatalf("a file with a pod twice published generation %d", s.Generation())
+	default:
+	}
+}

@@ -49,26 +49,10 @@ func newPublisher(source string, opt policy.Options, log *slog.Logger) *publishe
 	return &publisher{source: source, opt: opt, gen: opt.Generation, log: log}
 }
 
-// compile builds the next generation from st. The generation is consumed only when a snapshot
-// comes back, so the published generations have no gaps and always increase. With
-// Options.IsolateInvalid that snapshot may come with the *policy.CompileError of the policies
-// it isolates.
-func (p *publisher) compile(st *policy.State) (*policy.Snapshot, error) {
-	opt := p.opt
-	opt.Generation = p.gen + 1
-	start := time.Now()
-	snap, err := policy.Compile(st, opt)
-	metricCompile.WithLabelValues(p.source).Observe(time.Since(start).Seconds())
-	metricBuilds.WithLabelValues(p.source, "compile").Inc()
-	if snap == nil {
-		metricErrors.WithLabelValues(p.source, "compile").Inc()
-		return nil, err
-	}
-	p.gen = opt.Generation
-	return snap, err
-}
-
-// build is compile for a Builder's objects: it patches the last snapshot when it can.
+// build builds the next generation from a Builder's objects: it patches the last snapshot when
+// it can. The generation is consumed only when a snapshot comes back, so the published
+// generations have no gaps and always increase. With Options.IsolateInvalid that snapshot may
+// come with the *policy.CompileError of the policies it isolates.
 func (p *publisher) build(b *policy.Builder) (*policy.Snapshot, error) {
 	gen := p.gen + 1
 	start := time.Now()
