@@ -76,16 +76,20 @@ func (e *Engine) Publish(s *policy.Snapshot) error {
 	if s == nil {
 		return nil
 	}
+	// The offload first: once it has s, a verdict of the old snapshot still being recorded
+	// lands only if s vouches for it, and the kernel has dropped what s changed by the time s
+	// (and its generation, which tests and operators wait on) is in force.
+	var err error
+	if e.cfg.Offload != nil {
+		err = e.cfg.Offload.Publish(s)
+	}
 	e.snap.Store(s)
 	e.count.generation.Store(s.Generation())
 	e.count.snapshots.Add(1)
 	st := s.Stats()
 	e.log.Info("policy snapshot in use", "generation", s.Generation(), "pods", st.Pods,
 		"local_pods", st.LocalPods, "policies", st.Policies, "namespaces", st.Namespaces)
-	if e.cfg.Offload != nil {
-		return e.cfg.Offload.Publish(s)
-	}
-	return nil
+	return err
 }
 
 // Snapshot is the snapshot in force (nil before the first).
