@@ -23,8 +23,11 @@ import (
 // A namespace change (add, delete, labels) patches too: the peer sets whose namespace selector
 // starts or stops matching it gain or lose its pods.
 //
+// A policy that names a port no policy named before lays out the named ports again of the pods
+// with a port of that name.
+//
 // A Build compiles everything, as Compile does, after a policy change while some policy does
-// not compile, or when the policy names a port no policy named before; for a pod in a namespace
+// not compile; for a pod in a namespace
 // known neither by an object nor by another pod; after CompileAll; and when what patches leave
 // behind (the ids of deleted pods and the rules of replaced policies, never reused) reaches a
 // quarter of the live ones, or the arrays patches append to have doubled. Every Build's
@@ -368,10 +371,12 @@ func (p *patcher) policy(ref PodRef) bool {
 	if np != nil {
 		names := len(c.portIDs)
 		cp, err := c.compilePolicy(np)
-		if err != nil || len(c.portIDs) != names {
-			// A broken policy: a full compile finds and reports every one. A new port name:
-			// the pods' named ports hold only the names policies used so far.
+		if err != nil {
+			// A broken policy: a full compile finds and reports every one.
 			return false
+		}
+		if len(c.portIDs) != names {
+			p.portNames(names)
 		}
 		pi := int32(len(s.policies))
 		s.policies = append(s.policies, cpolicy{name: ref.String(), ingress: cp.ingRules, egress: cp.egRules})
@@ -398,6 +403,26 @@ func (p *patcher) policy(ref PodRef) bool {
 		}
 	}
 	return true
+}
+
+// portNames lays out again the named ports of the pods that have a port of a name policies
+// use from now on (names from index from on): a pod's hot entry holds only the names some
+// policy uses. No verdict of another policy changes, since none names them, and the new
+// policy's own pods are isolated again, which records their addresses.
+func (p *patcher) portNames(from int) {
+	c, s := p.c, p.s
+	fresh := s.names[from:]
+	for i, ports := range c.ports { // a dead pod has none
+		id := podID(i)
+		for _, cp := range ports {
+			if slices.Contains(fresh, cp.name) {
+				p.writablePod(id)
+				p.writableHot(id)
+				c.layOutPod(id)
+				break
+			}
+		}
+	}
 }
 
 // namespace applies the change of one namespace: its labels, and the membership of its pods in

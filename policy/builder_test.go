@@ -15,6 +15,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"pgregory.net/rapid"
 
 	"github.com/sluice-dev/sluice/internal/clustergen"
@@ -383,6 +384,60 @@ func TestBuilderNamespaceThenPolicy(t *testing.T) {
 	step("namespace b back as team z", true)
 	if patched, compiled := b.Builds(); compiled != 1 {
 		t.Errorf("%d builds patched, %d compiled everything; want only the first to compile", patched, compiled)
+	}
+}
+
+// TestBuilderNewPortName: a policy naming a port no policy named before is patched in, and the
+// name resolves against every pod with such a port, the egress destinations it does not select
+// included.
+func TestBuilderNewPortName(t *testing.T) {
+	pod := func(name, ip string, l map[string]string, ports ...corev1.ContainerPort) *corev1.Pod {
+		p := &corev1.Pod{}
+		p.Namespace, p.Name, p.Labels = "a", name, l
+		p.Spec.Containers = []corev1.Container{{Name: "c", Ports: ports}}
+		p.Status.Phase, p.Status.PodIP = corev1.PodRunning, ip
+		return p
+	}
+	b := policy.NewBuilder(policy.Options{})
+	b.SetNamespace(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "a"}})
+	b.SetPod(pod("client", "10.0.0.1", map[string]string{"app": "client"}))
+	b.SetPod(pod("exporter", "10.0.0.2", map[string]string{"app": "exporter"}, corev1.ContainerPort{Name: "metrics", ContainerPort: 9100}))
+	before, err := b.Build(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "scrape"}}
+	np.Spec.PodSelector.MatchLabels = map[string]string{"app": "client"}
+	np.Spec.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeEgress}
+	metrics := intstr.FromString("metrics")
+	np.Spec.Egress = []networkingv1.NetworkPolicyEgressRule{{Ports: []networkingv1.NetworkPolicyPort{{Port: &metrics}}}}
+	b.SetPolicy(np)
+	s, err := b.Build(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if patched, _ := b.Builds(); patched != 1 {
+		t.Fatalf("the new port name compiled everything (%d patches)", patched)
+	}
+	fresh, err := policy.Compile(b.State(), policy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip := netip.MustParseAddr
+	for _, f := range []policy.Flow{
+		{Src: ip("10.0.0.1"), Dst: ip("10.0.0.2"), Proto: policy.TCP, Port: 9100},
+		{Src: ip("10.0.0.1"), Dst: ip("10.0.0.2"), Proto: policy.TCP, Port: 9101},
+		{Src: ip("10.0.0.2"), Dst: ip("10.0.0.1"), Proto: policy.TCP, Port: 9100},
+	} {
+		if got, want := s.Decide(f), fresh.Decide(f); got != want {
+			t.Errorf("%s -> %s:%d: the patch says %v, a fresh compile %v", f.Src, f.Dst, f.Port, got, want)
+		}
+		if s.Unchanged(f, before.Serial()) && s.Decide(f) != before.Decide(f) {
+			t.Errorf("%s -> %s:%d: vouched for, but the verdict changed", f.Src, f.Dst, f.Port)
+		}
+	}
+	if v := s.Decide(policy.Flow{Src: ip("10.0.0.1"), Dst: ip("10.0.0.2"), Proto: policy.TCP, Port: 9100}); !v.Allowed {
+		t.Errorf("client -> exporter:metrics is %v, want allowed", v)
 	}
 }
 
