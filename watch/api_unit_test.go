@@ -109,14 +109,14 @@ func TestTrimKeepsWhatPolicyReads(t *testing.T) {
 	o, _ := trim(in)
 	cp := o.(*cachedPod)
 	if cp.GetName() != "p" || cp.GetNamespace() != "a" || cp.GetResourceVersion() != "3" {
-		t.Errorf("the cache entry lost its identity: %+v", cp.ObjectMeta)
+		t.Errorf("the cache entry lost its identity: %+v", cp.pod().ObjectMeta)
 	}
 	cpCopy := cp.DeepCopyObject().(*cachedPod)
 	if !cpCopy.samePolicyView(cp) {
 		t.Error("DeepCopyObject changed the entry")
 	}
-	cpCopy.Labels["x"] = "changed"
-	if cp.Labels["x"] != "y" {
+	cpCopy.labels["x"] = "changed"
+	if cp.labels["x"] != "y" {
 		t.Error("DeepCopyObject shares the labels")
 	}
 	pod := cp.pod()
