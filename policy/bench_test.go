@@ -147,3 +147,38 @@ func (c cpuClock) report(b *testing.B) {
 		b.ReportMetric(float64(processCPU()-c.start)/float64(b.N), "cpu-ns/op")
 	}
 }
+
+// BenchmarkUnchanged is what a flow cache pays to keep an entry of an older snapshot: the
+// check across 1 and 63 pod changes (the longest log a snapshot keeps), beside a Decide of the
+// same flows (BenchmarkDecide/policies=1000).
+func BenchmarkUnchanged(b *testing.B) {
+	c := benchClusterFor(b, 1000)
+	for _, steps := range []int{1, 63} {
+		b.Run(fmt.Sprintf("changes=%d", steps), func(b *testing.B) {
+			bl := builderOf(c.st, policy.Options{})
+			first, err := bl.Build(1)
+			if err != nil {
+				b.Fatal(err)
+			}
+			s := first
+			for i := range steps {
+				p := *c.st.Pods[i].DeepCopy()
+				p.Labels = map[string]string{"moved": "yes"}
+				bl.SetPod(&p)
+				if s, err = bl.Build(uint64(i + 2)); err != nil {
+					b.Fatal(err)
+				}
+			}
+			vouched := 0
+			for _, f := range c.flows {
+				if s.Unchanged(f, first.Serial()) {
+					vouched++
+				}
+			}
+			for i := 0; b.Loop(); i++ {
+				s.Unchanged(c.flows[i&(benchFlows-1)], first.Serial())
+			}
+			b.ReportMetric(100*float64(vouched)/float64(len(c.flows)), "%vouched")
+		})
+	}
+}

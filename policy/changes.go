@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"cmp"
 	"net/netip"
 	"slices"
 	"sync/atomic"
@@ -16,51 +17,56 @@ import (
 // address shards), that pod's isolation and rule lists and named ports (its hot entry), and the
 // peer sets' membership of the other end's pod. Rules, entries and lists are append-only, and a
 // policy change that alters what a pod's lists point to re-isolates that pod. So a patch that
-// records the addresses of every pod whose hot entry, ownership or set membership it writes
-// leaves every flow between two other addresses with the verdict it had.
+// records the addresses of every pod whose isolation, ownership or set membership it writes
+// leaves every flow between two other addresses with the verdict it had. (Laying a pod's named
+// ports out again for a name a new policy brings is not recorded: only that policy's rules can
+// see the name, and the pods it selects are isolated again, which is.)
 
 // serials numbers every snapshot of the process, whichever source or Builder made it, so that
-// a cache cannot confuse two snapshots that happen to share a generation.
+// a cache cannot confuse two snapshots that happen to share a generation. A patched snapshot
+// has a higher serial than the one it was patched from.
 var serials atomic.Uint64
 
-// change is one patch: the addresses whose flows may have changed verdict since the snapshot
-// with serial from, sorted.
-type change struct {
+// step is one patch of the log: the serial of the snapshot it was patched from and how many
+// addresses it touched.
+type step struct {
 	from  uint64
-	addrs []netip.Addr
+	addrs int
 }
 
 const (
 	// keptChanges bounds how many patches back a snapshot can vouch for an older answer.
 	keptChanges = 64
-	// maxChangeAddrs: a patch that touches more addresses than this (a namespace relabel with
-	// many pods) vouches for nothing, as a full compile does; looking the flows up again is
-	// cheaper than keeping and searching such lists.
+	// maxChangeAddrs bounds the addresses the log holds; the oldest patches are forgotten
+	// past it. A patch touching more than this alone (a namespace relabel with many pods)
+	// vouches for nothing, as a full compile does: looking the flows up again is cheaper
+	// than keeping such lists.
 	maxChangeAddrs = 4096
 )
 
 // Serial identifies the snapshot among all of the process: a different snapshot has a
-// different serial, and a later one a higher serial.
+// different serial.
 func (s *Snapshot) Serial() uint64 { return s.serial }
 
 // Unchanged reports whether s gives flow f the verdict the snapshot with serial since gave it,
-// as far as s knows: true for s itself and for an ancestor s was patched from within its last
-// patches when neither end of f was touched since. False says nothing (decide again). It never
-// allocates and takes no lock, for the packet path.
+// as far as s knows: true for s itself, and for an ancestor s was patched from within its last
+// patches when none of the patches since touched either end of f. False says nothing (decide
+// again). It never allocates and takes no lock, for the packet path; its cost does not grow
+// with the number of patches.
 func (s *Snapshot) Unchanged(f Flow, since uint64) bool {
 	if since == s.serial {
 		return true
 	}
-	for i := len(s.changes) - 1; i >= 0; i-- {
-		c := &s.changes[i]
-		if c.touches(f.Src) || c.touches(f.Dst) {
-			return false
-		}
-		if c.from == since {
-			return true
-		}
+	if !s.patchedFrom(since) {
+		return false
 	}
-	return false
+	return s.touchedAt[f.Src] <= since && s.touchedAt[f.Dst] <= since
+}
+
+// patchedFrom reports whether since is an ancestor within the log.
+func (s *Snapshot) patchedFrom(since uint64) bool {
+	_, found := slices.BinarySearchFunc(s.steps, since, func(st step, t uint64) int { return cmp.Compare(st.from, t) })
+	return found
 }
 
 // ChangedSince returns the addresses whose flows may have another verdict in s than in the
@@ -70,29 +76,17 @@ func (s *Snapshot) ChangedSince(since uint64) ([]netip.Addr, bool) {
 	if since == s.serial {
 		return nil, true
 	}
+	if !s.patchedFrom(since) {
+		return nil, false
+	}
 	var out []netip.Addr
-	for i := len(s.changes) - 1; i >= 0; i-- {
-		c := &s.changes[i]
-		out = append(out, c.addrs...)
-		if c.from == since {
-			slices.SortFunc(out, netip.Addr.Compare)
-			return slices.Compact(out), true
+	for a, at := range s.touchedAt {
+		if at > since {
+			out = append(out, a)
 		}
 	}
-	return nil, false
-}
-
-func (c *change) touches(a netip.Addr) bool {
-	if len(c.addrs) <= 8 {
-		for _, b := range c.addrs {
-			if a == b {
-				return true
-			}
-		}
-		return false
-	}
-	_, found := slices.BinarySearchFunc(c.addrs, a, netip.Addr.Compare)
-	return found
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out, true
 }
 
 // touched collects the addresses a patch touches.
@@ -104,20 +98,33 @@ func (t touched) add(addrs []netip.Addr) {
 	}
 }
 
-// record puts a patch from old into s's log: old's log, its oldest entries dropped past
-// keptChanges, and this patch. A patch touching too many addresses starts the log afresh.
+// record puts a patch from old into s's log: old's log less its oldest patches past the
+// bounds, and this patch.
 func (t touched) record(s, old *Snapshot) {
+	s.steps, s.touchedAt = nil, nil
 	if len(t) > maxChangeAddrs {
-		s.changes = nil
 		return
 	}
-	addrs := make([]netip.Addr, 0, len(t))
-	for a := range t {
-		addrs = append(addrs, a)
+	steps := append(slices.Clone(old.steps), step{from: old.serial, addrs: len(t)})
+	total := 0
+	for _, st := range steps {
+		total += st.addrs
 	}
-	slices.SortFunc(addrs, netip.Addr.Compare)
-	kept := old.changes[max(0, len(old.changes)-(keptChanges-1)):]
-	cs := make([]change, len(kept), len(kept)+1)
-	copy(cs, kept)
-	s.changes = append(cs, change{from: old.serial, addrs: addrs})
+	for len(steps) > keptChanges || total > maxChangeAddrs {
+		total -= steps[0].addrs
+		steps = steps[1:]
+	}
+	// A touch before the window's first snapshot is older than any answer the log can vouch
+	// for, so it need not be kept.
+	start := steps[0].from
+	at := make(map[netip.Addr]uint64, len(t)+len(old.touchedAt))
+	for a, v := range old.touchedAt {
+		if v > start {
+			at[a] = v
+		}
+	}
+	for a := range t {
+		at[a] = s.serial
+	}
+	s.steps, s.touchedAt = slices.Clip(steps), at
 }

@@ -27,11 +27,14 @@ import (
 //   - each rule's ipBlocks (cidr minus except, over all its peers) are flattened into one
 //     disjoint prefix set held in a bart.Lite routing table.
 type Snapshot struct {
-	opt     Options
-	serial  uint64   // see Serial
-	changes []change // the last patches that led to this snapshot, oldest first (changes.go)
-	by4     [addrShards]map[[4]byte]podID
-	by6     [addrShards]map[[16]byte]podID
+	opt    Options
+	serial uint64 // see Serial
+	// The last patches that led to this snapshot, oldest first, and for each address they
+	// touched the serial of the latest snapshot that touched it (changes.go).
+	steps     []step
+	touchedAt map[netip.Addr]uint64
+	by4       [addrShards]map[[4]byte]podID
+	by6       [addrShards]map[[16]byte]podID
 	// shardMask picks an address's shard from its last byte; fixed between full compiles.
 	shardMask uint8
 	hot       [][]podHot  // pages of pageSize, indexed by podID (see hotOf)
