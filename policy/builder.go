@@ -50,7 +50,10 @@ type Builder struct {
 	snap       *Snapshot
 	c          *compiler
 	ids        map[PodRef]podID       // the live pods of snap
-	claimants  map[netip.Addr][]podID // address -> the live pods that list it
+	// shared: address -> the live pods that list it, for the addresses more than one pod lists
+	// (rare: a stale pod object, a pod being replaced). Any other address's only claimant is
+	// its owner in snap; a map of every address would cost about 100 bytes a pod.
+	shared map[netip.Addr][]podID
 	singleNS   map[string][]int32     // namespace -> the peer sets drawing from it (and few others)
 	multiNS    []int32                // peer sets drawing from more than indexedNamespaces
 	nsPolicies map[string][]int32     // namespace -> its live policies' indexes, in name order
@@ -253,11 +256,17 @@ func (b *Builder) compileAll(opt Options) (*Snapshot, error) {
 	b.snap, b.c = s, c
 	b.base = sizesOf(s)
 	b.ids = make(map[PodRef]podID, s.npods)
-	b.claimants = make(map[netip.Addr][]podID, s.npods)
+	b.shared = make(map[netip.Addr][]podID)
 	for id, p := range s.livePods {
 		b.ids[p.ref] = id
 		for _, a := range p.ips {
-			b.claimants[a] = append(b.claimants[a], id)
+			if o := s.lookup(a); o != id { // another claimant: the owner is one too
+				l := b.shared[a]
+				if l == nil {
+					l = []podID{o}
+				}
+				b.shared[a] = append(l, id)
+			}
 		}
 	}
 	b.singleNS = make(map[string][]int32)
@@ -539,23 +548,15 @@ func (p *patcher) pod(ref PodRef) bool {
 		c.layOutPod(id)
 	}
 
-	for _, a := range oldIPs {
-		if l := slices.DeleteFunc(b.claimants[a], func(q podID) bool { return q == id }); len(l) > 0 {
-			b.claimants[a] = l
-		} else {
-			delete(b.claimants, a)
-		}
-	}
-	for _, a := range cp.ips {
-		b.claimants[a] = append(b.claimants[a], id)
-	}
 	p.touched.add(oldIPs)
 	p.touched.add(cp.ips)
 	for _, a := range oldIPs {
-		p.own(a)
+		if !slices.Contains(cp.ips, a) {
+			p.claim(a, id, false)
+		}
 	}
 	for _, a := range cp.ips {
-		p.own(a)
+		p.claim(a, id, true) // again when it listed it before: its claim may rank otherwise now
 	}
 
 	for _, si := range b.singleNS[ref.Namespace] {
@@ -600,12 +601,35 @@ func (p *patcher) member(si int32, id podID, had, in bool) {
 	}
 }
 
+// claim records that pod id lists address a (in) or no longer does, and gives a to the
+// claimant that ranks first.
+func (p *patcher) claim(a netip.Addr, id podID, in bool) {
+	b := p.b
+	l, multi := b.shared[a]
+	if !multi {
+		l = nil
+		if o := p.s.lookup(a); o.isPod() {
+			l = []podID{o}
+		}
+	}
+	l = slices.DeleteFunc(l, func(q podID) bool { return q == id })
+	if in {
+		l = append(l, id)
+	}
+	if len(l) > 1 {
+		b.shared[a] = l
+	} else {
+		delete(b.shared, a)
+	}
+	p.own(a, l)
+}
+
 // own gives address a to the claimant addressClaim ranks first, as Compile does: the lowest
 // claim, ties to the first pod in (namespace, name) order.
-func (p *patcher) own(a netip.Addr) {
+func (p *patcher) own(a netip.Addr, claimants []podID) {
 	c, s := p.c, p.s
 	best := noPod
-	for _, q := range p.b.claimants[a] {
+	for _, q := range claimants {
 		if !best.isPod() || c.claims[q] < c.claims[best] ||
 			(c.claims[q] == c.claims[best] && s.pod(q).ref.Compare(s.pod(best).ref) < 0) {
 			best = q
