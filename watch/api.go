@@ -520,7 +520,8 @@ func (s *APISource) reportBad(version func(key string) string, bad []policy.Poli
 // trim keeps only what policy needs of an object, so tens of thousands of pods fit in little
 // memory: no managedFields, annotations (kubectl's last-applied copy can be kilobytes), status
 // conditions, volumes, env; pods become cachedPods. It may see an object it trimmed already, so
-// it is idempotent.
+// it is idempotent. A pod's entry may keep its labels map as the one every pod with those labels
+// shares, so the object must not be changed afterwards (the informer drops it).
 func trim(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *corev1.Pod:

@@ -115,8 +115,8 @@ func TestTrimKeepsWhatPolicyReads(t *testing.T) {
 	if !cpCopy.samePolicyView(cp) {
 		t.Error("DeepCopyObject changed the entry")
 	}
-	cpCopy.labels["x"] = "changed"
-	if cp.labels["x"] != "y" {
+	cpCopy.labels.m["x"] = "changed"
+	if cp.labels.m["x"] != "y" {
 		t.Error("DeepCopyObject shares the labels")
 	}
 	pod := cp.pod()

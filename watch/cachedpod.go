@@ -1,11 +1,11 @@
 package watch
 
 import (
+	"hash/maphash"
 	"maps"
 	"slices"
 
 	corev1 "k8s.io/api/core/v1"
-	apiequality "k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -16,7 +16,9 @@ import (
 
 // cachedPod is the pod informer's cache entry: what policy reads of a pod and nothing else. A
 // corev1.Pod struct alone is 1.2 kB even when empty, and an ObjectMeta 232 bytes; at tens of
-// thousands of pods the difference is tens of megabytes on every node.
+// thousands of pods the difference is tens of megabytes on every node. Labels and named ports
+// are shared with the other pods that have the same (the replicas of a workload), and never
+// changed.
 type cachedPod struct {
 	droppedMeta
 	name, namespace string
@@ -25,15 +27,28 @@ type cachedPod struct {
 	resourceVersion string
 	// deletionTimestamp decides who owns an address two pods claim (policy.Compile).
 	deletionTimestamp *metav1.Time
-	labels            map[string]string
+	labels            *podLabels // nil when none, or when the pod does not participate
+	ports             *podPorts  // likewise
 	nodeName          string
 	phase             corev1.PodPhase
 	podIP             string
 	podIPs            []corev1.PodIP
-	containers        []corev1.Container // only those with named ports, only Name and Ports
-	initContainers    []corev1.Container // restartable (sidecar) ones with named ports, likewise
 	hostNetwork       bool
 }
+
+// podLabels is a pod's labels as the cache holds them.
+type podLabels struct{ m map[string]string }
+
+// podPorts is a pod's named ports as the cache holds them: the containers with named ports,
+// with only Name and Ports, and the restartable (sidecar) init containers with named ports,
+// likewise and their RestartPolicy.
+type podPorts struct{ containers, initContainers []corev1.Container }
+
+var (
+	labelSets = newSharedValues(func(a, b *podLabels) bool { return maps.Equal(a.m, b.m) })
+	portSets  = newSharedValues(samePorts)
+	hashSeed  = maphash.MakeSeed()
+)
 
 func newCachedPod(o *corev1.Pod) *cachedPod {
 	p := &cachedPod{
@@ -50,42 +65,106 @@ func newCachedPod(o *corev1.Pod) *cachedPod {
 		// pod take part arrives as a whole object and is converted again.
 		return p
 	}
-	p.labels = o.Labels
+	if len(o.Labels) > 0 {
+		var h uint64
+		for k, v := range o.Labels {
+			h += maphash.Comparable(hashSeed, [2]string{k, v}) // a sum, as map order varies
+		}
+		p.labels = labelSets.share(h, &podLabels{o.Labels})
+	}
+	var ports podPorts
 	for _, c := range o.Spec.Containers {
-		if ports := namedPorts(c.Ports); len(ports) > 0 {
-			p.containers = append(p.containers, corev1.Container{Name: c.Name, Ports: ports})
+		if named := namedPorts(c.Ports); len(named) > 0 {
+			ports.containers = append(ports.containers, corev1.Container{Name: c.Name, Ports: named})
 		}
 	}
 	for _, c := range o.Spec.InitContainers {
 		// Sidecars serve ports like containers do; other init containers name nothing.
 		if policy.IsSidecar(&c) {
-			if ports := namedPorts(c.Ports); len(ports) > 0 {
-				p.initContainers = append(p.initContainers, corev1.Container{Name: c.Name, Ports: ports, RestartPolicy: c.RestartPolicy})
+			if named := namedPorts(c.Ports); len(named) > 0 {
+				ports.initContainers = append(ports.initContainers, corev1.Container{Name: c.Name, Ports: named, RestartPolicy: c.RestartPolicy})
 			}
 		}
+	}
+	if ports.containers != nil || ports.initContainers != nil {
+		p.ports = portSets.share(ports.hash(), &ports)
 	}
 	return p
 }
 
+func (p *podPorts) hash() uint64 {
+	var h maphash.Hash
+	h.SetSeed(hashSeed)
+	for _, cs := range [2][]corev1.Container{p.containers, p.initContainers} {
+		for i := range cs {
+			h.WriteString(cs[i].Name)
+			for _, port := range cs[i].Ports {
+				maphash.WriteComparable(&h, port)
+			}
+		}
+		h.WriteByte(0)
+	}
+	return h.Sum64()
+}
+
+// samePorts reports whether two pods' named ports are the same; nil is none.
+func samePorts(a, b *podPorts) bool {
+	same := func(x, y []corev1.Container) bool {
+		if len(x) != len(y) {
+			return false
+		}
+		for i := range x {
+			rx, ry := x[i].RestartPolicy, y[i].RestartPolicy
+			if x[i].Name != y[i].Name || !slices.Equal(x[i].Ports, y[i].Ports) ||
+				(rx == nil) != (ry == nil) || rx != nil && *rx != *ry {
+				return false
+			}
+		}
+		return true
+	}
+	ac, ai := a.get()
+	bc, bi := b.get()
+	return same(ac, bc) && same(ai, bi)
+}
+
+func (l *podLabels) get() map[string]string {
+	if l == nil {
+		return nil
+	}
+	return l.m
+}
+
+func (p *podPorts) get() (containers, initContainers []corev1.Container) {
+	if p == nil {
+		return nil, nil
+	}
+	return p.containers, p.initContainers
+}
+
 // pod rebuilds the corev1.Pod that policy.Compile reads. It shares the labels and containers
-// with the cache entry; both are only read.
+// with the cache entry, and so with other pods; both are only read.
 func (p *cachedPod) pod() corev1.Pod {
+	containers, initContainers := p.ports.get()
 	return corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: p.namespace, ResourceVersion: p.resourceVersion,
-			DeletionTimestamp: p.deletionTimestamp, Labels: p.labels},
-		Spec:   corev1.PodSpec{NodeName: p.nodeName, HostNetwork: p.hostNetwork, Containers: p.containers, InitContainers: p.initContainers},
+			DeletionTimestamp: p.deletionTimestamp, Labels: p.labels.get()},
+		Spec:   corev1.PodSpec{NodeName: p.nodeName, HostNetwork: p.hostNetwork, Containers: containers, InitContainers: initContainers},
 		Status: corev1.PodStatus{Phase: p.phase, PodIP: p.podIP, PodIPs: p.podIPs},
 	}
 }
 
-// DeepCopyObject makes cachedPod a runtime.Object, as the informer's store requires.
+// DeepCopyObject makes cachedPod a runtime.Object, as the informer's store requires. The copy
+// shares nothing, so it may be changed.
 func (p *cachedPod) DeepCopyObject() runtime.Object {
 	c := *p
 	c.deletionTimestamp = p.deletionTimestamp.DeepCopy()
-	c.labels = maps.Clone(p.labels)
+	if p.labels != nil {
+		c.labels = &podLabels{maps.Clone(p.labels.m)}
+	}
+	if p.ports != nil {
+		c.ports = &podPorts{copyContainers(p.ports.containers), copyContainers(p.ports.initContainers)}
+	}
 	c.podIPs = slices.Clone(p.podIPs)
-	c.containers = copyContainers(p.containers)
-	c.initContainers = copyContainers(p.initContainers)
 	return &c
 }
 
@@ -104,8 +183,8 @@ func (p *cachedPod) GetResourceVersion() string                  { return p.reso
 func (p *cachedPod) SetResourceVersion(version string)           { p.resourceVersion = version }
 func (p *cachedPod) GetDeletionTimestamp() *metav1.Time          { return p.deletionTimestamp }
 func (p *cachedPod) SetDeletionTimestamp(timestamp *metav1.Time) { p.deletionTimestamp = timestamp }
-func (p *cachedPod) GetLabels() map[string]string                { return p.labels }
-func (p *cachedPod) SetLabels(labels map[string]string)          { p.labels = labels }
+func (p *cachedPod) GetLabels() map[string]string                { return p.labels.get() }
+func (p *cachedPod) SetLabels(labels map[string]string)          { p.labels = &podLabels{labels} } // the caller's: not shared
 
 // droppedMeta answers for the metadata trim drops: nothing, and setting it does nothing, as
 // metav1.Common documents for a field an object does not have. It has no size, and comes first
@@ -149,7 +228,7 @@ func copyContainers(in []corev1.Container) []corev1.Container {
 // samePolicyView reports whether two cache entries are the same to policy.
 func (p *cachedPod) samePolicyView(o *cachedPod) bool {
 	return p.nodeName == o.nodeName && p.hostNetwork == o.hostNetwork && p.phase == o.phase && p.podIP == o.podIP &&
-		(p.deletionTimestamp == nil) == (o.deletionTimestamp == nil) &&
-		apiequality.Semantic.DeepEqual(p.labels, o.labels) && apiequality.Semantic.DeepEqual(p.podIPs, o.podIPs) &&
-		apiequality.Semantic.DeepEqual(p.containers, o.containers) && apiequality.Semantic.DeepEqual(p.initContainers, o.initContainers)
+		(p.deletionTimestamp == nil) == (o.deletionTimestamp == nil) && slices.Equal(p.podIPs, o.podIPs) &&
+		(p.labels == o.labels || maps.Equal(p.labels.get(), o.labels.get())) &&
+		(p.ports == o.ports || samePorts(p.ports, o.ports))
 }

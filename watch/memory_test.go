@@ -3,6 +3,7 @@ package watch
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"runtime"
 	"runtime/pprof"
@@ -35,14 +36,30 @@ type memCluster struct {
 	policies []networkingv1.NetworkPolicy
 }
 
-func newMemCluster(t testing.TB, n int) *memCluster {
+// newMemCluster makes the cluster of n pods. Rich pods carry what a Helm chart's pods carry
+// besides: the recommended labels and a pod-template-hash (the same for every pod of an app and
+// tier, as for the replicas of a Deployment), two more named ports and a sidecar with one.
+func newMemCluster(t testing.TB, n int, rich bool) *memCluster {
 	const namespaces, nodes = 20, 50
 	c := &memCluster{pods: make([][]byte, n)}
 	created := metav1.NewTime(time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC))
+	always := corev1.ContainerRestartPolicyAlways
 	for i := range n {
-		p := podObj(fmt.Sprintf("ns-%d", i%namespaces), fmt.Sprintf("pod-%d", i),
-			map[string]string{"app": fmt.Sprintf("app-%d", i%40), "tier": []string{"web", "api", "db"}[i%3]},
+		app, tier := fmt.Sprintf("app-%d", i%40), []string{"web", "api", "db"}[i%3]
+		p := podObj(fmt.Sprintf("ns-%d", i%namespaces), fmt.Sprintf("pod-%d", i), map[string]string{"app": app, "tier": tier},
 			fmt.Sprintf("node-%d", i%nodes), corev1.ContainerPort{Name: "http", ContainerPort: 8080, Protocol: corev1.ProtocolTCP})
+		if rich {
+			maps.Copy(p.Labels, map[string]string{
+				"app.kubernetes.io/name": app, "app.kubernetes.io/instance": app + "-prod", "app.kubernetes.io/version": "1.2.3",
+				"app.kubernetes.io/component": tier, "app.kubernetes.io/part-of": "shop", "app.kubernetes.io/managed-by": "Helm",
+				"helm.sh/chart": app + "-0.4.1", "pod-template-hash": fmt.Sprintf("%x", 0x5d4f8b7c9+i%120),
+			})
+			c := &p.Spec.Containers[0]
+			c.Ports = append(c.Ports, corev1.ContainerPort{Name: "metrics", ContainerPort: 9090, Protocol: corev1.ProtocolTCP},
+				corev1.ContainerPort{Name: "grpc", ContainerPort: 9000, Protocol: corev1.ProtocolTCP})
+			p.Spec.InitContainers = []corev1.Container{{Name: "proxy", Image: "registry.example/proxy:1", RestartPolicy: &always,
+				Ports: []corev1.ContainerPort{{Name: "admin", ContainerPort: 15000, Protocol: corev1.ProtocolTCP}}}}
+		}
 		// What the API server adds and the informer receives: identity, defaults, the managers.
 		p.UID = types.UID(fmt.Sprintf("%08x-0000-4000-8000-%012x", i, i))
 		p.ResourceVersion = strconv.Itoa(1000 + 2*i)
@@ -150,6 +167,20 @@ func heapHeld() uint64 {
 	return ms.HeapAlloc
 }
 
+// entryBytes is what the cache entries of c's pods take each.
+func entryBytes(t testing.TB, c *memCluster) int64 {
+	h0 := heapHeld()
+	entries := make([]any, len(c.pods))
+	for i := range entries {
+		entries[i], _ = trim(c.pod(t, i))
+	}
+	h1 := heapHeld()
+	runtime.KeepAlive(entries)
+	runtime.KeepAlive(c)
+	// Less the interface that holds each in entries.
+	return (int64(h1)-int64(h0))/int64(len(entries)) - 16
+}
+
 // TestAPISourceMemory measures what the API source holds per pod, part by part, on
 // TestAPISourceScale's cluster served without an API server: the cache entries alone, the
 // informers holding them, then the Builder's first build, and the snapshot alone.
@@ -169,20 +200,21 @@ func TestAPISourceMemory(t *testing.T) {
 		defer func(rate int) { runtime.MemProfileRate = rate }(runtime.MemProfileRate)
 		runtime.MemProfileRate = 1
 	}
-	c := newMemCluster(t, n)
+	c := newMemCluster(t, n, false)
 	perPod := func(from, to uint64) int64 { return (int64(to) - int64(from)) / int64(n) }
 
-	h0 := heapHeld()
-	entries := make([]any, n)
-	for i := range entries {
-		entries[i], _ = trim(c.pod(t, i))
+	entry := entryBytes(t, c)
+	// What a workload's pods have in common is held once: more of it costs a pod nothing, but
+	// for allocator noise: strings under 16 bytes are packed into 16-byte blocks with whatever
+	// else is allocated meanwhile, so a pod whose decoding allocates more between its kept
+	// strings keeps more blocks. A label map or a container of each pod's own is 300 bytes.
+	if rich := entryBytes(t, newMemCluster(t, n, true)); rich-entry > 64 {
+		t.Errorf("a cache entry of a pod with 8 more labels and 3 more named ports its workload's pods share takes %d bytes, %d more than without: they are not shared",
+			rich, rich-entry)
 	}
-	h1 := heapHeld()
-	entry := perPod(h0, h1) - 16 // less the interface that holds each in entries
-	runtime.KeepAlive(entries)
 
 	client := c.client(t) // before the measure: a fake clientset holds a megabyte of its own
-	h0 = heapHeld()
+	h0 := heapHeld()
 	s := NewAPISource(nil, policy.Options{Node: "node-0"}, testLogger(t), 0)
 	if err := s.setup(client); err != nil {
 		t.Fatal(err)
@@ -203,7 +235,7 @@ func TestAPISourceMemory(t *testing.T) {
 	s.mu.Lock()
 	s.dirtyPods, s.dirtyPols, s.dirtyNSs = make(map[string]struct{}), make(map[string]struct{}), make(map[string]struct{})
 	s.mu.Unlock()
-	h1 = heapHeld()
+	h1 := heapHeld()
 	informers := perPod(h0, h1)
 
 	b := policy.NewBuilderOn(s.opt, apiObjects{s})
