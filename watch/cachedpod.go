@@ -4,6 +4,7 @@ import (
 	"hash/maphash"
 	"maps"
 	"slices"
+	"unique"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -18,10 +19,11 @@ import (
 // corev1.Pod struct alone is 1.2 kB even when empty, and an ObjectMeta 232 bytes; at tens of
 // thousands of pods the difference is tens of megabytes on every node. Labels and named ports
 // are shared with the other pods that have the same (the replicas of a workload), and never
-// changed.
+// changed; so are namespaces, node names and phases, a handful of each for thousands of pods.
 type cachedPod struct {
 	droppedMeta
-	name, namespace string
+	name      string
+	namespace unique.Handle[string]
 	// resourceVersion tells the informer a real update from a resync: an update with the same
 	// version reaches no handler that asked for no resync, ours included.
 	resourceVersion string
@@ -29,9 +31,9 @@ type cachedPod struct {
 	deletionTimestamp *metav1.Time
 	labels            *podLabels // nil when none, or when the pod does not participate
 	ports             *podPorts  // likewise
-	nodeName          string
-	phase             corev1.PodPhase
-	podIP             string
+	nodeName          unique.Handle[string]
+	phase             unique.Handle[corev1.PodPhase]
+	podIP             string // the same bytes as podIPs[0].IP when they are equal, as they should be
 	podIPs            []corev1.PodIP
 	hostNetwork       bool
 }
@@ -52,13 +54,16 @@ var (
 
 func newCachedPod(o *corev1.Pod) *cachedPod {
 	p := &cachedPod{
-		name: o.Name, namespace: o.Namespace, resourceVersion: o.ResourceVersion,
+		name: o.Name, namespace: unique.Make(o.Namespace), resourceVersion: o.ResourceVersion,
 		deletionTimestamp: o.DeletionTimestamp,
-		nodeName:          o.Spec.NodeName,
+		nodeName:          unique.Make(o.Spec.NodeName),
 		hostNetwork:       o.Spec.HostNetwork,
-		phase:             o.Status.Phase,
+		phase:             unique.Make(o.Status.Phase),
 		podIP:             o.Status.PodIP,
 		podIPs:            o.Status.PodIPs,
+	}
+	if len(p.podIPs) > 0 && p.podIPs[0].IP == p.podIP {
+		p.podIP = p.podIPs[0].IP
 	}
 	if !policy.Participates(o) {
 		// Labels and ports matter only for pods that carry traffic; an update that makes the
@@ -146,10 +151,10 @@ func (p *podPorts) get() (containers, initContainers []corev1.Container) {
 func (p *cachedPod) pod() corev1.Pod {
 	containers, initContainers := p.ports.get()
 	return corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: p.namespace, ResourceVersion: p.resourceVersion,
+		ObjectMeta: metav1.ObjectMeta{Name: p.name, Namespace: valueOf(p.namespace), ResourceVersion: p.resourceVersion,
 			DeletionTimestamp: p.deletionTimestamp, Labels: p.labels.get()},
-		Spec:   corev1.PodSpec{NodeName: p.nodeName, HostNetwork: p.hostNetwork, Containers: containers, InitContainers: initContainers},
-		Status: corev1.PodStatus{Phase: p.phase, PodIP: p.podIP, PodIPs: p.podIPs},
+		Spec:   corev1.PodSpec{NodeName: valueOf(p.nodeName), HostNetwork: p.hostNetwork, Containers: containers, InitContainers: initContainers},
+		Status: corev1.PodStatus{Phase: valueOf(p.phase), PodIP: p.podIP, PodIPs: p.podIPs},
 	}
 }
 
@@ -177,8 +182,8 @@ func (p *cachedPod) GetObjectKind() schema.ObjectKind { return schema.EmptyObjec
 // spares an allocation every time the informer takes an entry's key.
 func (p *cachedPod) GetName() string                             { return p.name }
 func (p *cachedPod) SetName(name string)                         { p.name = name }
-func (p *cachedPod) GetNamespace() string                        { return p.namespace }
-func (p *cachedPod) SetNamespace(namespace string)               { p.namespace = namespace }
+func (p *cachedPod) GetNamespace() string                        { return valueOf(p.namespace) }
+func (p *cachedPod) SetNamespace(namespace string)               { p.namespace = unique.Make(namespace) }
 func (p *cachedPod) GetResourceVersion() string                  { return p.resourceVersion }
 func (p *cachedPod) SetResourceVersion(version string)           { p.resourceVersion = version }
 func (p *cachedPod) GetDeletionTimestamp() *metav1.Time          { return p.deletionTimestamp }
@@ -213,6 +218,16 @@ func (droppedMeta) GetManagedFields() []metav1.ManagedFieldsEntry { return nil }
 func (droppedMeta) SetManagedFields([]metav1.ManagedFieldsEntry)  {}
 
 var _ metav1.Object = (*cachedPod)(nil)
+
+// valueOf is h's value; the zero Handle, of a cachedPod not made by newCachedPod, stands for
+// the zero value.
+func valueOf[T comparable](h unique.Handle[T]) T {
+	if h == (unique.Handle[T]{}) {
+		var zero T
+		return zero
+	}
+	return h.Value()
+}
 
 func copyContainers(in []corev1.Container) []corev1.Container {
 	if in == nil {
