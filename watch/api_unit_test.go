@@ -198,19 +198,23 @@ func TestCachedPodSidecarPortsMatch(t *testing.T) {
 
 func TestNextBuildWait(t *testing.T) {
 	t0 := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
-	const window = 100 * time.Millisecond
+	const debounce = 100 * time.Millisecond
+	const patch, compile = 400 * time.Microsecond, time.Second
 	for _, tc := range []struct {
 		name      string
 		now, last time.Time
+		took      time.Duration
 		want      time.Duration
 	}{
-		{"first build", t0, time.Time{}, 0},
-		{"idle for longer than the window: at once", t0.Add(time.Second), t0, 0},
-		{"just after the window", t0.Add(window), t0, 0},
-		{"within the window: the rest of it", t0.Add(30 * time.Millisecond), t0, 70 * time.Millisecond},
-		{"right after a build", t0, t0, window},
+		{"first build", t0, time.Time{}, 0, 0},
+		{"idle for longer than the window: at once", t0.Add(time.Second), t0, compile, 0},
+		{"after a patch: the least window", t0, t0, patch, minBuildWindow},
+		{"within the window of a patch: the rest of it", t0.Add(4 * time.Millisecond), t0, patch, 6 * time.Millisecond},
+		{"just after the window of a patch", t0.Add(minBuildWindow), t0, patch, 0},
+		{"after a 3 ms build: 20 times that", t0, t0, 3 * time.Millisecond, 60 * time.Millisecond},
+		{"after a full compile: at most the debounce", t0.Add(30 * time.Millisecond), t0, compile, 70 * time.Millisecond},
 	} {
-		if got := nextBuildWait(tc.now, tc.last, window); got != tc.want {
+		if got := nextBuildWait(tc.now, tc.last, tc.took, debounce); got != tc.want {
 			t.Errorf("%s: nextBuildWait = %v, want %v", tc.name, got, tc.want)
 		}
 	}

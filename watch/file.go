@@ -23,9 +23,10 @@ import (
 )
 
 // DefaultDebounce is the file source's quiet time after a change before it reads the file
-// (editors write a file in several steps), and the API source's least time between two builds
-// (a kubectl apply touches many objects; one build per window under churn keeps the CPU for
-// packets, while a change after an idle window is built at once).
+// (editors write a file in several steps), and the longest time the API source leaves between
+// two builds under churn (it spaces them by 20 times the last build's cost, at least 10 ms, so
+// that builds keep at most a twentieth of a core from the packets; a change after an idle
+// window is built at once).
 const DefaultDebounce = 100 * time.Millisecond
 
 // DefaultSettle is how long the file source waits for a state file whose last line is not
