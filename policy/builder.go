@@ -47,18 +47,18 @@ type Builder struct {
 	full       bool                // the next Build compiles everything
 
 	// The last build and what patching it needs; c is nil when there is none to patch.
-	snap       *Snapshot
-	c          *compiler
-	ids        map[PodRef]podID       // the live pods of snap
+	snap *Snapshot
+	c    *compiler
+	ids  map[PodRef]podID // the live pods of snap
 	// shared: address -> the live pods that list it, for the addresses more than one pod lists
 	// (rare: a stale pod object, a pod being replaced). Any other address's only claimant is
 	// its owner in snap; a map of every address would cost about 100 bytes a pod.
-	shared map[netip.Addr][]podID
-	singleNS   map[string][]int32     // namespace -> the peer sets drawing from it (and few others)
-	multiNS    []int32                // peer sets drawing from more than indexedNamespaces
-	nsPolicies map[string][]int32     // namespace -> its live policies' indexes, in name order
-	polIDs     map[PodRef]int32       // the live policies of snap
-	base       arraySizes             // of the last full compile
+	shared     map[netip.Addr][]podID
+	singleNS   map[string][]int32 // namespace -> the peer sets drawing from it (and few others)
+	multiNS    []int32            // peer sets drawing from more than indexedNamespaces
+	nsPolicies map[string][]int32 // namespace -> its live policies' indexes, in name order
+	polIDs     map[PodRef]int32   // the live policies of snap
+	base       arraySizes         // of the last full compile
 
 	patches, compiles int
 }
