@@ -131,7 +131,7 @@ EOF
   check "client -> server:8080 allowed" connect client
   check "intruder -> server:8080 dropped" eval '! connect intruder'
   check "the drop is in kubectl logs of the DaemonSet" eval \
-    "kc -n kube-system logs ds/sluice | grep 'packet dropped' | grep -q '\"src\":\"smoke/intruder\"'"
+    "kc -n kube-system logs ds/sluice | grep 'packet dropped' | grep '\"src\":\"smoke/intruder\"' >/dev/null"
   check "the agent runs unprivileged with NET_ADMIN and NET_RAW only" eval \
     "[ \"\$(kc -n kube-system get ds sluice -o jsonpath='{.spec.template.spec.containers[0].securityContext.capabilities.add}')\" = '[\"NET_ADMIN\",\"NET_RAW\"]' ]"
   kc -n kube-system logs ds/sluice | grep 'packet dropped' | tail -n 3 >&2 || true

@@ -309,7 +309,9 @@ EOF
   for img in "${images[@]}"; do
     local archive=${img%% *} ref=${img#* }
     "${ctr[@]}" images import --base-name "${ref%:*}" "$archive" >/dev/null || die "ctr images import $archive"
-    "${ctr[@]}" images ls -q | grep -qx "$ref" || die "$archive was imported, but not as $ref"
+    # Not grep -q: it exits at the first match, ctr (Go, a write per line) then dies of SIGPIPE
+    # on the next line, and pipefail fails the check although the image is there.
+    "${ctr[@]}" images ls -q | grep -x "$ref" >/dev/null || die "$archive was imported, but not as $ref"
   done
   log "images: $("${ctr[@]}" images ls -q | grep -v '^sha256:' | tr '\n' ' ')"
 
