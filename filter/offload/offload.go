@@ -69,6 +69,9 @@ const maxWritten = 2 * 65536
 // sets instead; one flush is cheaper than that many deletes.
 const maxDeletes = 4096
 
+// expiryMargin is how many seconds past its timeout the offloader still deletes an entry.
+const expiryMargin = 2
+
 // written is an entry the offloader put in the kernel, until it expires there.
 type written struct {
 	f       policy.Flow
@@ -402,7 +405,10 @@ func (o *Offload) write(batch []offloadItem, k *kernelEntry) {
 	if now >= o.sweepAt || (o.nw >= maxWritten && now-o.swept >= int64(time.Second)) {
 		o.sweep(now)
 	}
-	expires := now + int64(o.timeout)*int64(time.Second)
+	// The kernel counts an entry's timeout from its add, which comes after now, in whole
+	// seconds: the margin keeps the offloader from taking an entry for expired (and so
+	// skipping its delete) while the kernel still holds it.
+	expires := now + (int64(o.timeout)+expiryMargin)*int64(time.Second)
 	for i := range batch {
 		it := &batch[i]
 		if o.cur == nil || !o.cur.Unchanged(it.f, it.serial) {
