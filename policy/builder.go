@@ -27,12 +27,11 @@ import (
 // with a port of that name.
 //
 // A Build compiles everything, as Compile does, after a policy change while some policy does
-// not compile; for a pod in a namespace
-// known neither by an object nor by another pod; after CompileAll; and when what patches leave
-// behind (the ids of deleted pods and the rules of replaced policies, never reused) reaches a
-// quarter of the live ones, or the arrays patches append to have doubled. Every Build's
-// snapshot answers exactly as Compile of State would (the differential tests hold it to that
-// after every step).
+// not compile; for a pod in a namespace known neither by an object nor by another pod; after
+// CompileAll; and when what patches leave behind (the ids of deleted pods and the rules of
+// replaced policies, never reused) reaches a quarter of the live ones, or the arrays patches
+// append to have doubled. Every Build's snapshot answers exactly as Compile of State would
+// (the differential tests hold it to that after every step).
 //
 // A Builder is not safe for concurrent use. The objects it reads must not be modified once
 // handed over (informer caches' objects never are).
