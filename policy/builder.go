@@ -4,6 +4,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -26,8 +27,11 @@ import (
 // A policy that names a port no policy named before lays out the named ports again of the pods
 // with a port of that name.
 //
-// A Build compiles everything, as Compile does, after a policy change while some policy does
-// not compile; for a pod in a namespace known neither by an object nor by another pod; after
+// With Options.IsolateInvalid a policy that does not compile is patched in too, isolating
+// with none of its rules, as Compile does.
+//
+// A Build compiles everything, as Compile does, for a pod in a namespace known neither by an
+// object nor by another pod; after
 // CompileAll; and when what patches leave behind (the ids of deleted pods and the rules of
 // replaced policies, never reused) reaches a quarter of the live ones, or the arrays patches
 // append to have doubled. Every Build's snapshot answers exactly as Compile of State would
@@ -53,11 +57,12 @@ type Builder struct {
 	// (rare: a stale pod object, a pod being replaced). Any other address's only claimant is
 	// its owner in snap; a map of every address would cost about 100 bytes a pod.
 	shared     map[netip.Addr][]podID
-	singleNS   map[string][]int32 // namespace -> the peer sets drawing from it (and few others)
-	multiNS    []int32            // peer sets drawing from more than indexedNamespaces
-	nsPolicies map[string][]int32 // namespace -> its live policies' indexes, in name order
-	polIDs     map[PodRef]int32   // the live policies of snap
-	base       arraySizes         // of the last full compile
+	singleNS   map[string][]int32     // namespace -> the peer sets drawing from it (and few others)
+	multiNS    []int32                // peer sets drawing from more than indexedNamespaces
+	nsPolicies map[string][]int32     // namespace -> its live policies' indexes, in name order
+	polIDs     map[PodRef]int32       // the live policies of snap
+	invalid    map[PodRef]PolicyError // the live policies that do not compile (Options.IsolateInvalid)
+	base       arraySizes             // of the last full compile
 
 	patches, compiles int
 }
@@ -211,10 +216,6 @@ func (b *Builder) patchable() bool {
 		return false
 	}
 	s := b.snap
-	if len(b.changedNPs) > 0 && b.c.err != nil {
-		// Which policies fail is known from a full compile only.
-		return false
-	}
 	return s.dead <= s.npods/4 && len(s.policies)-s.stats.Policies <= s.stats.Policies/4+16 &&
 		sizesOf(s).within(b.base)
 }
@@ -273,6 +274,13 @@ func (b *Builder) compileAll(opt Options) (*Snapshot, error) {
 	b.indexSets(0)
 	b.nsPolicies = make(map[string][]int32)
 	b.polIDs = make(map[PodRef]int32, len(c.selected))
+	b.invalid = make(map[PodRef]PolicyError)
+	if ce, ok := c.err.(*CompileError); ok {
+		for _, pe := range ce.Policies {
+			ns, name, _ := strings.Cut(pe.Policy, "/")
+			b.invalid[PodRef{Namespace: ns, Name: name}] = pe
+		}
+	}
 	for i := range c.selected {
 		// Compile takes the policies in (namespace, name) order: index order is name order.
 		ref := c.selected[i].ref
@@ -356,6 +364,8 @@ func (b *Builder) patch(opt Options) (*Snapshot, bool) {
 	}
 	s.stats.Pods = s.npods - s.dead
 	s.stats.PeerSets = len(s.sets)
+	s.stats.Invalid = len(b.invalid)
+	b.c.err = b.compileError()
 	p.touched.record(s, old)
 	return s, true
 }
@@ -372,6 +382,7 @@ func (p *patcher) policy(ref PodRef) bool {
 		sels = append(sels, c.selected[oi].sel)
 		b.nsPolicies[ref.Namespace] = slices.DeleteFunc(slices.Clone(b.nsPolicies[ref.Namespace]), func(i int32) bool { return i == oi })
 		delete(b.polIDs, ref)
+		delete(b.invalid, ref)
 		old := &s.policies[oi]
 		s.stats.Policies--
 		s.stats.Rules -= len(old.ingress) + len(old.egress)
@@ -380,8 +391,12 @@ func (p *patcher) policy(ref PodRef) bool {
 		names := len(c.portIDs)
 		cp, err := c.compilePolicy(np)
 		if err != nil {
-			// A broken policy: a full compile finds and reports every one.
-			return false
+			if !s.opt.IsolateInvalid {
+				return false // no snapshot: the full compile reports every broken policy
+			}
+			err.Policy = ref.String()
+			b.invalid[ref] = *err
+			cp = isolating(np)
 		}
 		if len(c.portIDs) != names {
 			p.portNames(names)
@@ -431,6 +446,19 @@ func (p *patcher) portNames(from int) {
 			}
 		}
 	}
+}
+
+// compileError is the *CompileError of the policies that do not compile, in (namespace, name)
+// order as Compile lists them; nil when every one does.
+func (b *Builder) compileError() error {
+	if len(b.invalid) == 0 {
+		return nil
+	}
+	ce := &CompileError{}
+	for _, ref := range slices.SortedFunc(maps.Keys(b.invalid), PodRef.Compare) {
+		ce.Policies = append(ce.Policies, b.invalid[ref])
+	}
+	return ce
 }
 
 // namespace applies the change of one namespace: its labels, and the membership of its pods in

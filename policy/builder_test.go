@@ -484,3 +484,72 @@ func builderOf(st *policy.State, opt policy.Options) *policy.Builder {
 	}
 	return b
 }
+
+// TestBuilderInvalidPolicies: with Options.IsolateInvalid, a policy that stops or starts
+// compiling is patched in, and each build answers, counts and reports its broken policies as a
+// fresh Compile does.
+func TestBuilderInvalidPolicies(t *testing.T) {
+	opt := policy.Options{IsolateInvalid: true}
+	b := policy.NewBuilder(opt)
+	b.SetNamespace(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "a"}})
+	addrs := []string{"10.0.0.1", "10.0.0.2", "10.0.0.3"}
+	for i, app := range []string{"x", "y", "client"} {
+		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: app, Labels: map[string]string{"app": app}}}
+		p.Status.Phase, p.Status.PodIP = corev1.PodRunning, addrs[i]
+		b.SetPod(p)
+	}
+	port := intstr.FromInt32(80)
+	allowX := func(types ...networkingv1.PolicyType) *networkingv1.NetworkPolicy {
+		np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "allow-x"}}
+		np.Spec.PodSelector.MatchLabels = map[string]string{"app": "x"}
+		np.Spec.PolicyTypes = types
+		np.Spec.Ingress = []networkingv1.NetworkPolicyIngressRule{{
+			From:  []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "client"}}}},
+			Ports: []networkingv1.NetworkPolicyPort{{Port: &port}},
+		}}
+		return np
+	}
+	brokenY := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "a", Name: "broken-y"}}
+	brokenY.Spec.PodSelector.MatchExpressions = []metav1.LabelSelectorRequirement{{Key: "app", Operator: "Bogus", Values: []string{"y"}}}
+
+	gen := uint64(0)
+	step := func(what string, invalid int) {
+		t.Helper()
+		gen++
+		patchedBefore, _ := b.Builds()
+		s, err := b.Build(gen)
+		fresh, freshErr := policy.Compile(b.State(), opt)
+		if s == nil || fresh == nil {
+			t.Fatalf("%s: no snapshot (build %v, compile %v)", what, err, freshErr)
+		}
+		if patched, _ := b.Builds(); gen > 1 && patched == patchedBefore {
+			t.Errorf("%s: compiled everything, want a patch", what)
+		}
+		if fmt.Sprint(err) != fmt.Sprint(freshErr) {
+			t.Errorf("%s: Build reports %v, Compile %v", what, err, freshErr)
+		}
+		if got, want := s.Stats(), fresh.Stats(); got.Invalid != want.Invalid || got.Invalid != invalid || got.Policies != want.Policies || got.Rules != want.Rules {
+			t.Errorf("%s: stats %+v, Compile's %+v, want %d invalid", what, got, want, invalid)
+		}
+		for _, src := range addrs {
+			for _, dst := range addrs {
+				for _, p := range []uint16{80, 443} {
+					f := policy.Flow{Src: netip.MustParseAddr(src), Dst: netip.MustParseAddr(dst), Proto: policy.TCP, Port: p}
+					if got, want := s.Decide(f), fresh.Decide(f); got != want {
+						t.Errorf("%s: %s -> %s:%d: the patch says %v, Compile %v", what, src, dst, p, got, want)
+					}
+				}
+			}
+		}
+	}
+	b.SetPolicy(allowX())
+	step("x takes port 80 from the client", 0)
+	b.SetPolicy(allowX("Bogus"))
+	step("allow-x has a policy type that does not exist: x isolated both ways, no rules", 1)
+	b.SetPolicy(brokenY)
+	step("broken-y's selector does not parse: every pod of a isolated", 2)
+	b.SetPolicy(allowX())
+	step("allow-x fixed", 1)
+	b.DeletePolicy("a", "broken-y")
+	step("broken-y deleted", 0)
+}

@@ -546,6 +546,12 @@ func (c *compiler) compilePolicy(np *networkingv1.NetworkPolicy) (compiledPolicy
 // broken part every pod of its namespace is isolated, since which ones it meant is unknown;
 // when a policy type is, both directions are.
 func (c *compiler) isolateOnly(np *networkingv1.NetworkPolicy) {
+	cp := isolating(np)
+	c.apply(np, cp.sel, cp.ing, cp.eg, nil, nil)
+}
+
+// isolating is what an invalid policy compiles to: whom it isolates, with no rules.
+func isolating(np *networkingv1.NetworkPolicy) compiledPolicy {
 	sel, err := metav1.LabelSelectorAsSelector(&np.Spec.PodSelector)
 	if err != nil {
 		sel = labels.Everything()
@@ -554,7 +560,7 @@ func (c *compiler) isolateOnly(np *networkingv1.NetworkPolicy) {
 	if invalidPolicyType(np) >= 0 {
 		ing, eg = true, true
 	}
-	c.apply(np, sel, ing, eg, nil, nil)
+	return compiledPolicy{sel: sel, ing: ing, eg: eg}
 }
 
 // apply adds np with its rules to the snapshot, isolating the local pods sel selects in its
