@@ -434,11 +434,16 @@ func (p *patcher) policy(ref PodRef) bool {
 // policy's own pods are isolated again, which records their addresses.
 func (p *patcher) portNames(from int) {
 	c, s := p.c, p.s
-	fresh := s.names[from:]
+	// A set: one policy may bring thousands of names (MaxPorts), and every pod's ports are
+	// looked up.
+	fresh := make(map[string]bool, len(s.names)-from)
+	for _, name := range s.names[from:] {
+		fresh[name] = true
+	}
 	for i, ports := range c.ports { // a dead pod has none
 		id := podID(i)
 		for _, cp := range ports {
-			if slices.Contains(fresh, cp.name) {
+			if fresh[cp.name] {
 				p.writablePod(id)
 				p.writableHot(id)
 				c.layOutPod(id)
