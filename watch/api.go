@@ -71,8 +71,8 @@ type APISource struct {
 
 // NewAPISource returns a source that watches the API server cfg points at. opt.Node selects the
 // local pods (pods of every node are watched, since remote pods are peers of local ones);
-// debounce is the least time between two builds (DefaultDebounce when <= 0): a change after an
-// idle window is built at once, changes during one wait for its end and are built together.
+// debounce is the longest time between two builds under churn (DefaultDebounce when <= 0; see
+// nextBuildWait): a change after an idle window is built at once.
 // opt.IsolateInvalid is always set: see APISource.
 func NewAPISource(cfg *rest.Config, opt policy.Options, log *slog.Logger, debounce time.Duration) *APISource {
 	if log == nil {

@@ -23,7 +23,7 @@ var (
 	}, []string{"source"})
 	metricBuilds = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sluice_watch_builds_total",
-		Help: "Snapshots built, by kind: patch (the last snapshot patched for pod and policy changes) or compile (everything compiled).",
+		Help: "Snapshots built, by kind: patch (the last snapshot patched for the changed pods, policies and namespaces) or compile (everything compiled).",
 	}, []string{"source", "kind"})
 	metricSnapshotSize = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "sluice_watch_snapshot_objects",
